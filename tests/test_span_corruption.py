@@ -86,7 +86,8 @@ def test_compute_lengths_pins():
     assert compute_lengths(64, 0.2, 2.0) == (70, 22)  # T5 preprocessors_test
     assert compute_lengths(64, 0.2, 1.0) == (63, 27)  # T5 preprocessors_test
     # extra tokens per span: 2 sentinels per span in inputs -> shorter raw windows
-    assert compute_lengths(64, 0.2, 2.0, extra_tokens_per_span_inputs=2) == t5_random_spans_helper(64, 0.2, 2.0, 2, 1)
+    assert compute_lengths(64, 0.2, 2.0, extra_tokens_per_span_inputs=2) == t5_random_spans_helper(
+        64, 0.2, 2.0, 2, 1)
 
 
 @pytest.mark.parametrize("density", [0.1, 0.15, 0.3, 0.5])
@@ -140,7 +141,8 @@ def test_noise_span_to_unique_sentinel_t5_pins():
     ]
     # the targets side: here the rows keep different numbers of tokens, so one row at a time
     assert nonnoise_span_to_unique_sentinel(tokens[:1], mask[:1], 999).tolist() == [[10, 11, 999, 14, 998]]
-    assert nonnoise_span_to_unique_sentinel(tokens[1:], mask[1:], 999).tolist() == [[999, 21, 998, 23, 24, 997]]
+    assert nonnoise_span_to_unique_sentinel(tokens[1:], mask[1:], 999).tolist() == [
+        [999, 21, 998, 23, 24, 997]]
 
 
 def test_rows_of_different_lengths_are_an_error():
@@ -148,8 +150,11 @@ def test_rows_of_different_lengths_are_an_error():
     mask = np.array([[1, 1, 0, 0, 1, 0], [0, 1, 0, 1, 1, 0]], dtype=bool)
     with pytest.raises(ValueError, match="different lengths"):
         nonnoise_span_to_unique_sentinel(tokens, mask, 999)
-    with pytest.raises(ValueError, match="must be equal"):
+    with pytest.raises(ValueError, match="must both be"):
         noise_span_to_unique_sentinel(tokens, mask[:, :5], 999)
+    # an integer 0/1 mask means the same as a boolean one
+    assert np.array_equal(noise_span_to_unique_sentinel(tokens, mask.astype(np.int64), 999),
+                          noise_span_to_unique_sentinel(tokens, mask, 999))
 
 
 def test_span_corrupt_forced_masks():
@@ -170,7 +175,8 @@ def test_span_corrupt_forced_masks():
 # random data: every row
 
 
-@pytest.mark.parametrize("input_length,density,mean_span", [(512, 0.15, 3.0), (128, 0.3, 2.0), (64, 0.15, 8.0)])
+@pytest.mark.parametrize(
+    "input_length,density,mean_span", [(512, 0.15, 3.0), (128, 0.3, 2.0), (64, 0.15, 8.0), (33, 0.5, 1.0)])
 def test_span_corrupt_every_row(input_length, density, mean_span):
     raw_length, target_length = compute_lengths(input_length, density, mean_span)
     num_noise, num_spans = span_counts(raw_length, density, mean_span)
@@ -337,3 +343,7 @@ def test_bad_arguments():
         span_corrupt(tokens, noise_density=1.5, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="sentinel ids"):
         span_corrupt(tokens, sentinel_id=10, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="do not fit"):
+        span_corrupt(tokens.astype(np.int8), rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="empty batch"):
+        span_corrupt(tokens[:0], rng=np.random.default_rng(0))

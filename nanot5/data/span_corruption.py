@@ -165,8 +165,9 @@ def noise_span_to_unique_sentinel(
     tokens, noise_mask: (B, L). Returns (B, L') where L' = L - noise tokens + noise spans, which
     must be the same for every row (it is for `random_spans_noise_mask`).
     """
-    if tokens.shape != noise_mask.shape or tokens.ndim != 2:
-        raise ValueError(f"tokens {tokens.shape} and noise_mask {noise_mask.shape} must be equal (B, L)")
+    tokens, noise_mask = np.asarray(tokens), np.asarray(noise_mask, dtype=bool)
+    if tokens.shape != noise_mask.shape or tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"tokens {tokens.shape} and noise_mask {noise_mask.shape} must both be (B, L), B > 0")
     batch = tokens.shape[0]
     prev_noise = np.zeros_like(noise_mask)
     prev_noise[:, 1:] = noise_mask[:, :-1]
@@ -174,7 +175,8 @@ def noise_span_to_unique_sentinel(
     keep = ~(noise_mask & prev_noise)  # (B, L) drop the rest of each noise span
     kept = keep.view(np.uint8).sum(axis=1, dtype=np.int64)  # (B,)
     if (kept != kept[0]).any():
-        raise ValueError(f"rows would get different lengths after span corruption: {sorted(set(kept.tolist()))}")
+        lengths = sorted(set(kept.tolist()))
+        raise ValueError(f"rows would get different lengths after span corruption: {lengths}")
     width = int(kept[0])
     out = tokens[keep]  # (B * width,) row-major compaction
     sentinel_at = np.flatnonzero(first_noise[keep])  # where the first noise tokens landed, in order
@@ -212,7 +214,7 @@ def span_corrupt(
 ) -> tuple[Any, Any]:
     """T5 span corruption of a batch of raw windows.
 
-    tokens: int array (B, raw_length) (numpy or a CPU torch tensor; 1-D means one row).
+    tokens: int array (B, raw_length) (numpy or a torch tensor; 1-D means one row).
     Returns (inputs, targets), (B, input_length) and (B, target_length) of the same kind and
     dtype, with the lengths `compute_lengths` gives (512 and 114 for raw_length 568): noise
     spans replaced by sentinels sentinel_id, sentinel_id - 1, ... in the inputs, the targets
@@ -221,14 +223,21 @@ def span_corrupt(
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     is_torch = type(tokens).__module__.startswith("torch")
-    array = tokens.numpy() if is_torch else np.asarray(tokens)
+    array = tokens.cpu().numpy() if is_torch else np.asarray(tokens)
     if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"tokens must be an integer array (batch, raw_length), got {array.dtype} {array.shape}")
+        raise ValueError(f"tokens must be an integer array (batch, raw_length), got {array.dtype} "
+                         f"{tuple(array.shape)}")
     rows = array.reshape(-1, array.shape[-1])  # (B, L)
     batch, length = rows.shape
     num_noise, num_spans = span_counts(length, noise_density, mean_noise_span_length)
     if sentinel_id - (num_spans - 1) < 0:
-        raise ValueError(f"{num_spans} noise spans per row need sentinel ids down to {sentinel_id - num_spans + 1}")
+        raise ValueError(f"{num_spans} noise spans per row need sentinel ids down to "
+                         f"{sentinel_id - num_spans + 1}, below 0")
+    if max(sentinel_id, eos_id) > np.iinfo(rows.dtype).max:
+        raise ValueError(f"sentinel_id {sentinel_id} / eos_id {eos_id} do not fit tokens of dtype "
+                         f"{rows.dtype}")
+    if batch == 0:
+        raise ValueError("span_corrupt got an empty batch (0 rows)")
 
     mask = random_spans_noise_mask(length, noise_density, mean_noise_span_length, batch=batch, rng=rng)
     inputs = _append_eos(noise_span_to_unique_sentinel(rows, mask, sentinel_id), eos_id)
@@ -238,5 +247,5 @@ def span_corrupt(
     if is_torch:
         import torch
 
-        return torch.from_numpy(inputs), torch.from_numpy(targets)
+        return torch.from_numpy(inputs).to(tokens.device), torch.from_numpy(targets).to(tokens.device)
     return inputs, targets
