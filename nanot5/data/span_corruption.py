@@ -167,7 +167,7 @@ def noise_span_to_unique_sentinel(
     """
     tokens, noise_mask = np.asarray(tokens), np.asarray(noise_mask, dtype=bool)
     if tokens.shape != noise_mask.shape or tokens.ndim != 2 or tokens.shape[0] == 0:
-        raise ValueError(f"tokens {tokens.shape} and noise_mask {noise_mask.shape} must both be (B, L), B > 0")
+        raise ValueError(f"tokens {tokens.shape} and noise_mask {noise_mask.shape} must both be (B, L), B>0")
     batch = tokens.shape[0]
     prev_noise = np.zeros_like(noise_mask)
     prev_noise[:, 1:] = noise_mask[:, :-1]
