@@ -378,15 +378,18 @@ class HFSource(Source):
                 ds.load_state_dict(start["state"])
             elif n:
                 ds = ds.skip(n)  # no state support: replay the stream up to the position
+        # a dataset's state exists only once iteration started: the first record's position is `start`
+        state = None if start is None else start.get("state")
         it = iter(ds)
         while True:
-            state = ds.state_dict() if resumable else None
             try:
                 record = next(it)
             except StopIteration:
                 return
+            pos = {"n": n, "state": state}
             loc = f"example {n} of reader {reader_id}/{num_readers}"
             n += 1
+            state = ds.state_dict() if resumable else None  # = position of the next record
             text = record.get(self.text_column) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 if text is None and self.text_column in record:
@@ -396,7 +399,7 @@ class HFSource(Source):
                           f"(columns: {list(record)})")
                 continue
             if text.strip():
-                yield {"n": n - 1, "state": state}, text
+                yield pos, text
 
 
 # ----------------------------------------------------------------------------- entry point
