@@ -22,6 +22,7 @@ same documents (reshuffled, since block indices keep counting).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 from collections import Counter
@@ -85,7 +86,7 @@ class _TokenStream:
         is_eos = np.zeros(len(tokens), bool)
         is_eos[ends - 1] = True
         tokens[is_eos] = self._tok.eos_id
-        tokens[~is_eos] = np.fromiter((t for x in ids for t in x), np.int32, count=len(tokens) - len(ids))
+        tokens[~is_eos] = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=len(tokens) - len(ids))
         self._positions, self._ends, self._tokens, self._idx = positions, ends, tokens, 0
         return True
 
