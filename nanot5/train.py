@@ -279,8 +279,12 @@ def train(cfg: Config) -> dict[str, Any]:
                                 weight_decay=cfg.optim.weight_decay)
     data = Data(cfg, tokenizer, env, micro)
     steps = total_steps(cfg, data)
-    lr_at = lr_schedule(cfg.optim.lr_scheduler, base_lr=cfg.optim.base_lr, warmup_steps=cfg.optim.warmup_steps,
-                        total_steps=steps, final_cosine=cfg.optim.final_cosine)
+    try:
+        lr_at = lr_schedule(cfg.optim.lr_scheduler, base_lr=cfg.optim.base_lr,
+                            warmup_steps=cfg.optim.warmup_steps, total_steps=steps,
+                            final_cosine=cfg.optim.final_cosine)
+    except ValueError as e:
+        raise ConfigError(f"optim: {e}") from e
 
     step, window = 0, {"loss": 0.0, "steps": 0, "skipped": 0}
     tokens_seen = 0
