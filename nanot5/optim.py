@@ -1,0 +1,524 @@
+"""Optimizers, parameter groups and learning-rate schedules for T5 pre-training and fine-tuning.
+
+- `AdamWScale`: AdamW whose step for each weight matrix is multiplied by that matrix's RMS, the
+  change that lets AdamW train T5 at lr 2e-2 (nanoT5, arXiv 2309.02373, section 3; the RMS factor
+  is Adafactor's relative step size, Shazeer & Stern 2018, arXiv 1804.04235, section 8).
+- `Adafactor`: factored second moments and update clipping (Shazeer & Stern 2018), with the
+  semantics of HF `transformers.Adafactor(lr=..., relative_step=False, scale_parameter=True,
+  warmup_init=False)`, as nanoT5 runs it.
+- AdamW: `torch.optim.AdamW`, fused where the device has the kernel (`build_optimizer("adamw")`).
+- `lr_schedule`: learning rates as pure functions of the step (nothing to checkpoint).
+- `param_groups`: weight decay on matrices only; every trainable parameter in exactly one group.
+
+No `step` here synchronises with the host: per-matrix factors stay on the device as 0-d
+tensors. (nanoT5's `max(1e-3, rms(p))` reads each RMS back: one device sync per parameter.)
+
+Logical matrices. Our T5 stores q/k/v, k/v and wi_0/wi_1 as one fused matrix each (row blocks
+concatenated along dim 0, see `nanot5.hf.name_table`). nanoT5 and Adafactor treat every HF matrix
+on its own (its own RMS, its own factored statistics), so a param group may carry
+`row_blocks`: one int per parameter, the number of equal row blocks it holds. `param_groups`
+fills it in; each block is then optimised exactly as a separate matrix would be.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamwscale", "adafactor", "adamw")
+SCHEDULES = ("cosine", "legacy", "constant", "linear")
+_HALF = (torch.float16, torch.bfloat16)
+_FUSED_DEVICES = ("cpu", "cuda")  # where torch has the fused AdamW kernel with a tensor lr
+_CPU_FUSED_MIN_NUMEL = 1 << 16
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_row_blocks(group: dict[str, Any], owner: str) -> None:
+    """Validate a group's `row_blocks` (None, or one positive int per parameter)."""
+    blocks = group.get("row_blocks")
+    if blocks is None:
+        return
+    params = group["params"]
+    if len(blocks) != len(params):
+        raise ValueError(f"{owner}: param group has {len(params)} params but {len(blocks)} row_blocks")
+    for i, (p, n) in enumerate(zip(params, blocks)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{owner}: row_blocks[{i}] must be a positive int, got {n!r}")
+        if n > 1 and (p.ndim < 2 or p.shape[0] % n):
+            raise ValueError(f"{owner}: row_blocks[{i}]={n} does not split a parameter of shape "
+                             f"{tuple(p.shape)} into equal row blocks")
+
+
+def _blocks_of(group: dict[str, Any]) -> list[int]:
+    blocks = group.get("row_blocks")
+    return [1] * len(group["params"]) if blocks is None else list(blocks)
+
+
+def _check_lr(lr: Any, owner: str) -> float:
+    # A tensor lr would force `float()` (a sync) or a recompute per step; schedules give floats.
+    if isinstance(lr, Tensor) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{owner}: lr must be a Python float, got {type(lr).__name__}")
+    if lr < 0:
+        raise ValueError(f"{owner}: invalid learning rate {lr}; must be >= 0")
+    return float(lr)
+
+
+def _grad(p: Tensor, owner: str) -> Tensor:
+    if p.grad.is_sparse:
+        raise RuntimeError(f"{owner} does not support sparse gradients")
+    if p.is_complex():
+        raise RuntimeError(f"{owner} does not support complex parameters")
+    return p.grad
+
+
+# ------------------------------------------------------------------------ AdamWScale
+class AdamWScale(torch.optim.Optimizer):
+    """AdamW with each matrix's step scaled by its RMS (nanoT5's optimizer).
+
+    Per logical matrix p with gradient g, at step t (1-based), with decoupled weight decay:
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * max(1e-3, rms(p)) * m / (sqrt(v) + eps)
+        p -= lr * weight_decay * p
+    where rms(p) = ||p||_2 / sqrt(numel(p)) is taken before the update (nanoT5's `AdamWScale`,
+    which is HF's old AdamW plus the rms factor). `scale_parameter=False` drops the factor
+    (plain HF-style AdamW). `fused=None` uses torch's fused AdamW kernel where it exists
+    (CUDA; on CPU for tensors of >= 64Ki elements) and foreach ops elsewhere; `fused=True`
+    or `False` forces one. Both are exact and never sync with the host.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, scale_parameter: bool = True,
+                 fused: bool | None = None):
+        _check_lr(lr, "AdamWScale")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"AdamWScale: betas must be in [0, 1), got {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"AdamWScale: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        self.fused = fused
+        self._ones: dict[torch.device, Tensor] = {}
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        scale_parameter=scale_parameter, row_blocks=None)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_row_blocks(self.param_groups[-1], "AdamWScale")
+
+    def _use_fused(self, p: Tensor) -> bool:
+        if self.fused is False:
+            return False
+        supported = (p.device.type in _FUSED_DEVICES and p.dtype in (torch.float32, torch.float64, *_HALF)
+                     and hasattr(torch, "_fused_adamw_"))
+        if self.fused:
+            if not supported:
+                raise RuntimeError(f"AdamWScale(fused=True): no fused kernel for {p.dtype} on {p.device}")
+            return True
+        # On CPU each fused call opens a parallel region: for small tensors that costs more than
+        # the passes it saves (and, on a busy machine, milliseconds); foreach runs them inline.
+        return supported and (p.device.type != "cpu" or p.numel() >= _CPU_FUSED_MIN_NUMEL)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient; returns closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        lr = _check_lr(group["lr"], "AdamWScale")
+        beta1, beta2 = group["betas"]
+        # Tensors per (device, dtype, fused) bucket, one entry per logical matrix.
+        buckets: dict[tuple, dict[str, list]] = {}
+        for p, n in zip(group["params"], _blocks_of(group)):
+            if p.grad is None:
+                continue
+            grad = _grad(p, "AdamWScale")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0  # a host int: bias corrections need no device read
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            t = state["step"]
+            coef = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)  # bias-corrected lr
+            b = buckets.setdefault((p.device, p.dtype, self._use_fused(p)),
+                                   dict(params=[], p=[], g=[], m=[], v=[], coef=[]))
+            b["params"].append(p)
+            for views in zip(*(x.chunk(n) if n > 1 else (x,)
+                               for x in (p, grad, state["exp_avg"], state["exp_avg_sq"]))):
+                for key, x in zip("pgmv", views):
+                    b[key].append(x)
+                b["coef"].append(coef)
+        for (device, dtype, fused), b in buckets.items():
+            steps = self._step_sizes(b["p"], b["coef"], group["scale_parameter"], dtype)
+            if fused:
+                self._fused_update(b, steps, beta1, beta2, group["eps"], device)
+            else:
+                self._foreach_update(b, steps, beta1, beta2, group["eps"])
+            if group["weight_decay"] > 0.0:
+                # after the update, with the unscaled lr, as nanoT5 (p + p * (-lr wd) keeps the
+                # decay exact in fp32, where p * (1 - lr wd) rounds 1 - lr wd)
+                torch._foreach_add_(b["params"], b["params"], alpha=-lr * group["weight_decay"])
+
+    @staticmethod
+    def _step_sizes(ps: list[Tensor], coefs: list[float], scale: bool, dtype: torch.dtype) -> list:
+        """Per matrix: coef * max(1e-3, rms(p)) as 0-d device tensors (or the floats if not scaled)."""
+        if not scale:
+            return list(coefs)
+        # (B,) norms in fp32 at least: a bf16 rms would put a 0.4% error on every step
+        norms = torch._foreach_norm(ps, 2, dtype=torch.float32 if dtype in _HALF else None)
+        torch._foreach_div_(norms, [math.sqrt(p.numel()) for p in ps])  # rms
+        torch._foreach_clamp_min_(norms, 1e-3)  # max(1e-3, rms) without reading rms on the host
+        torch._foreach_mul_(norms, coefs)
+        return norms
+
+    def _fused_update(self, b: dict[str, list], steps: list, beta1: float, beta2: float,
+                      eps: float, device: torch.device) -> None:
+        # torch's fused AdamW kernel computes, from its own step tensor s (we pass s = 1):
+        #     p -= lr_k / (1 - b1^s) * m / (sqrt(v) / sqrt(1 - b2^s) + eps_k)
+        #        = lr_k * sqrt(1 - b2) / (1 - b1) * m / (sqrt(v) + eps_k * sqrt(1 - b2))
+        # with m, v updated exactly as above. So eps_k = eps / sqrt(1 - b2) and
+        # lr_k = step * (1 - b1) / sqrt(1 - b2) give nanoT5's update in one pass over memory;
+        # the per-matrix lr_k is a 0-d device tensor, which the kernel reads on the device.
+        one = self._ones.get(device)
+        if one is None:
+            one = self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
+        k = (1.0 - beta1) / math.sqrt(1.0 - beta2)
+        if isinstance(steps[0], Tensor):
+            torch._foreach_mul_(steps, k)
+            if device.type != "cpu":  # the CUDA kernel reads a float32 lr
+                steps = [s.float() for s in steps]
+        else:
+            steps = [s * k for s in steps]
+        eps_k = eps / math.sqrt(1.0 - beta2)
+        for p, g, m, v, lr_k in zip(b["p"], b["g"], b["m"], b["v"], steps):
+            torch._fused_adamw_([p], [g], [m], [v], [], [one], lr=lr_k, beta1=beta1, beta2=beta2,
+                                weight_decay=0.0, eps=eps_k, amsgrad=False, maximize=False)
+
+    @staticmethod
+    def _foreach_update(b: dict[str, list], steps: list, beta1: float, beta2: float, eps: float) -> None:
+        ps, gs, ms, vs = b["p"], b["g"], b["m"], b["v"]
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)  # m = b1 m + (1 - b1) g
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, eps)
+        if isinstance(steps[0], Tensor):
+            torch._foreach_div_(denom, steps)  # (sqrt(v) + eps) / step: p -= m / that
+            torch._foreach_addcdiv_(ps, ms, denom, value=-1.0)
+        else:
+            torch._foreach_addcdiv_(ps, ms, denom, [-s for s in steps])
+
+
+# ------------------------------------------------------------------------- Adafactor
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern 2018) as HF `transformers.Adafactor` with relative_step=False,
+    scale_parameter=True, warmup_init=False (nanoT5's configuration), without host syncs.
+
+    Per logical matrix (or vector) p with gradient g, at step t (1-based):
+        b2t = 1 - t^decay_rate;  step = lr * max(eps[1], rms(p))  (lr alone if not scale_parameter)
+        matrices: R = b2t R + (1 - b2t) mean_cols(g^2 + eps[0]);  C likewise over rows
+                  u = g / sqrt(R C^T / mean(R))         (factored second moment)
+        vectors:  V = b2t V + (1 - b2t) (g^2 + eps[0]);  u = g / sqrt(V)
+        u /= max(1, rms(u) / clip_threshold);  u *= step
+        optional momentum: M = beta1 M + (1 - beta1) u;  u = M
+        p -= weight_decay * step * p;  p -= u
+    Tensors with more than two dims are factored over their last two, as in HF. fp16/bf16
+    parameters are updated in fp32 and written back, as in HF.
+    """
+
+    def __init__(self, params: Iterable, lr: float, eps: tuple[float, float] = (1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
+                 weight_decay: float = 0.0, scale_parameter: bool = True):
+        _check_lr(lr, "Adafactor")
+        if len(eps) != 2 or min(eps) < 0:
+            raise ValueError(f"Adafactor: eps must be a pair of non-negative floats, got {eps}")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Adafactor: beta1 must be None or in [0, 1), got {beta1}")
+        if weight_decay < 0 or clip_threshold <= 0 or decay_rate >= 0:
+            raise ValueError("Adafactor: need weight_decay >= 0, clip_threshold > 0, decay_rate < 0")
+        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
+                        beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                        row_blocks=None)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_row_blocks(self.param_groups[-1], "Adafactor")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient; returns closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = _check_lr(group["lr"], "Adafactor")
+            for p, n in zip(group["params"], _blocks_of(group)):
+                if p.grad is not None:
+                    self._update(p, n, group, lr)
+        return loss
+
+    def _update(self, p: Tensor, n: int, group: dict[str, Any], lr: float) -> None:
+        grad = _grad(p, "Adafactor")
+        g = grad.float() if grad.dtype in _HALF else grad
+        w = p.float() if p.dtype in _HALF else p  # fp32 working copy of a half parameter
+        factored = p.ndim >= 2
+        state = self.state[p]
+        if not state:
+            state["step"] = 0  # host int, as HF: b2t is computed on the host, no sync
+            if factored:  # (n, C) column statistics when the matrix holds n row blocks
+                col_shape = (n, p.shape[-1]) if n > 1 else p.shape[:-2] + p.shape[-1:]
+                state["exp_avg_sq_row"] = g.new_zeros(p.shape[:-1])
+                state["exp_avg_sq_col"] = g.new_zeros(col_shape)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(g)
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros_like(g)
+        state["step"] += 1
+        beta2t = 1.0 - state["step"] ** group["decay_rate"]
+        eps1, eps2 = group["eps"]
+
+        # View a fused matrix (n*R, C) as n matrices (n, R, C); block statistics broadcast as (n, 1, 1).
+        blocked = (lambda x: x.unflatten(0, (n, -1))) if n > 1 else (lambda x: x)
+        g, w = blocked(g), blocked(w)
+        step = lr
+        if group["scale_parameter"]:
+            step = _block_rms(w, n).clamp_min_(eps2).mul_(lr)  # max(eps2, rms(p)) * lr, on device
+
+        if factored:
+            row, col = blocked(state["exp_avg_sq_row"]), state["exp_avg_sq_col"]
+            R, C = g.shape[-2], g.shape[-1]
+            # mean(g^2 + eps1) over columns / rows, as squared norms: no (R, C) temporary
+            row.mul_(beta2t).add_(torch.linalg.vector_norm(g, dim=-1).square_().div_(C).add_(eps1),
+                                  alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(torch.linalg.vector_norm(g, dim=-2).square_().div_(R).add_(eps1),
+                                  alpha=1.0 - beta2t)
+            # u = g * r_i * c_j with r = rsqrt(row / mean(row)), c = rsqrt(col) (Shazeer & Stern, eq. 7)
+            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()  # (..., R)
+            gc = g * col.rsqrt().unsqueeze(-2)  # (..., R, C)
+            # sum(u^2) = sum_i r_i^2 ||gc_i||^2, so rms(u) needs no u
+            u_sq = (torch.linalg.vector_norm(gc, dim=-1) * r).square_()  # (..., R)
+            u_rms = _block_sum(u_sq, n).div_(g[0].numel() if n > 1 else g.numel()).sqrt_()
+            scale = (u_rms / group["clip_threshold"]).clamp_min_(1.0).reciprocal_().mul_(step)
+            row_scale = r.unsqueeze(-1) * scale  # (..., R, 1): r_i * step / clip
+            update = None if group["beta1"] is None else gc * row_scale
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta2t).add_(g * g + eps1, alpha=1.0 - beta2t)
+            update = v.rsqrt().mul_(g)
+            clip = (_block_rms(update, 1) / group["clip_threshold"]).clamp_min_(1.0)
+            update.div_(clip).mul_(step)
+
+        if group["beta1"] is not None:
+            m = blocked(state["exp_avg"])
+            m.mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
+            update = m
+        if group["weight_decay"] > 0.0:
+            if isinstance(step, Tensor):
+                w.addcmul_(w, step * -group["weight_decay"])  # w - wd * step * w
+            else:
+                w.add_(w, alpha=-group["weight_decay"] * step)
+        if update is None:
+            w.addcmul_(gc, row_scale, value=-1.0)  # w -= g * c_j * r_i * step / clip
+        else:
+            w.sub_(update)
+        if p.dtype in _HALF:
+            p.copy_(w.view_as(p))
+
+
+def _block_rms(x: Tensor, n: int) -> Tensor:
+    """RMS of x (0-d), or of each block of a blocked (n, R, C) x, shaped (n, 1, 1)."""
+    if n == 1:
+        return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).div_(math.sqrt(x[0].numel())).view(n, 1, 1)
+
+
+def _block_sum(x: Tensor, n: int) -> Tensor:
+    """Sum of x (0-d), or of each of its n leading blocks, shaped (n, 1, 1)."""
+    if n == 1:
+        return x.sum()
+    return x.flatten(1).sum(dim=1).view(n, 1, 1)
+
+
+# ------------------------------------------------------------------------ groups
+def _no_decay_types() -> tuple[type, ...]:
+    from nanot5.model import RelativePositionBias, RMSNorm  # lazy: optim imports without the model
+
+    return (RMSNorm, RelativePositionBias, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
+            nn.modules.batchnorm._NormBase)
+
+
+def _row_blocks(model: nn.Module) -> dict[int, int]:
+    """id(param) -> number of HF matrices fused in it, from the HF name-mapping table."""
+    from nanot5.hf import name_table
+    from nanot5.model import T5
+
+    blocks = {}
+    for module in model.modules():
+        if isinstance(module, T5):
+            named = dict(module.named_parameters())
+            for ours, hf_names in name_table(module.config):
+                if len(hf_names) > 1:
+                    blocks[id(named[ours])] = len(hf_names)
+    return blocks
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two param groups: matrices with `weight_decay`, the rest (norm weights, relative position
+    biases, vectors, scalars) without. Decided by module type and ndim, never by name.
+
+    Groups carry `param_names` and `row_blocks` (see the module docstring); torch optimizers
+    ignore the latter. Asserts that every trainable parameter lands in exactly one group.
+    """
+    no_decay_types = _no_decay_types()
+    decays: dict[int, bool] = {}
+    params: dict[int, tuple[str, nn.Parameter]] = {}
+    for mod_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            exempt = isinstance(module, no_decay_types) or p.ndim < 2
+            params.setdefault(id(p), (f"{mod_name}.{name}" if mod_name else name, p))
+            # a tied parameter is exempt if any of its owners says so
+            decays[id(p)] = decays.get(id(p), True) and not exempt
+    blocks = _row_blocks(model)
+    groups = []
+    for decay in (True, False):
+        chosen = [params[i] for i in params if decays[i] == decay]
+        if chosen:
+            groups.append(dict(params=[p for _, p in chosen], param_names=[n for n, _ in chosen],
+                               weight_decay=weight_decay if decay else 0.0,
+                               row_blocks=[blocks.get(id(p), 1) for _, p in chosen]))
+    check_param_groups(model, groups)
+    return groups
+
+
+def check_param_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    """Raise ValueError unless every trainable parameter of `model` is in exactly one group
+    and every grouped parameter belongs to `model`; the error names the parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    count = Counter(id(p) for g in groups for p in g["params"])
+    problems = [f"{n} is in no param group" for n, p in model.named_parameters()
+                if p.requires_grad and count[id(p)] == 0]
+    problems += [f"{names[i]} is in {c} param groups" for i, c in count.items() if c > 1 and i in names]
+    problems += [f"a parameter of shape {tuple(p.shape)} in param group {k} is not in the model"
+                 for k, g in enumerate(groups) for p in g["params"] if id(p) not in names]
+    if problems:
+        raise ValueError("param groups must hold every trainable parameter exactly once: "
+                         + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------ factory
+def build_optimizer(name: str, params_or_groups: Iterable, *, lr: float, weight_decay: float = 0.0,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: Any = None) -> torch.optim.Optimizer:
+    """`adamwscale` (nanoT5 pre-training), `adafactor` (T5's), or `adamw` (torch, fused if possible).
+
+    eps defaults: 1e-6 for adamwscale and adamw (nanoT5's HF AdamW), (1e-30, 1e-3) for
+    adafactor. Adafactor has no betas (no momentum, decay -0.8, as in nanoT5). Group entries
+    such as `weight_decay` override these arguments, as in torch.
+    """
+    params = list(params_or_groups)
+    if name == "adamwscale":
+        return AdamWScale(params, lr=lr, betas=betas, eps=1e-6 if eps is None else eps,
+                          weight_decay=weight_decay)
+    if name == "adafactor":
+        return Adafactor(params, lr=lr, eps=(1e-30, 1e-3) if eps is None else eps,
+                         weight_decay=weight_decay)
+    if name == "adamw":
+        kw = dict(lr=lr, betas=betas, eps=1e-6 if eps is None else eps, weight_decay=weight_decay)
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except RuntimeError:  # a device or dtype without the fused kernel
+            return torch.optim.AdamW(params, foreach=True, **kw)
+    raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
+
+
+# ------------------------------------------------------------------------ schedules
+def lr_schedule(name: str, *, base_lr: float, warmup_steps: int, total_steps: int,
+                final_cosine: float = 1e-5) -> Callable[[int], float]:
+    """The learning rate (absolute, not a multiplier) at 0-based optimizer step `step`.
+
+    - cosine (nanoT5): linear from base_lr/2 to base_lr over warmup_steps, then cosine down to
+      final_cosine at total_steps; the values of nanoT5's SequentialLR(LinearLR(start_factor=0.5),
+      CosineAnnealingLR(eta_min=final_cosine)). Stays at final_cosine afterwards.
+    - legacy (T5's inverse square root): min(1e-2, 1/sqrt(step)) (1e-2 at step 0) for the first
+      ceil(0.9 * total_steps) steps, then linear to 0 at total_steps; ignores base_lr.
+    - constant: base_lr (after a linear warmup from 0, if warmup_steps > 0).
+    - linear: linear warmup from 0, then linear decay to 0 at total_steps.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    if total_steps < 1 or warmup_steps < 0:
+        raise ValueError(f"lr_schedule: need total_steps >= 1 and warmup_steps >= 0, "
+                         f"got {total_steps}, {warmup_steps}")
+    if name in ("cosine", "linear") and warmup_steps >= total_steps:
+        raise ValueError(f"lr_schedule({name!r}): warmup_steps ({warmup_steps}) must be < "
+                         f"total_steps ({total_steps})")
+    if base_lr < 0 or final_cosine < 0:
+        raise ValueError(f"lr_schedule: base_lr and final_cosine must be >= 0, got {base_lr}, {final_cosine}")
+
+    def warmup(step: int, start: float) -> float:  # start * base_lr -> base_lr over warmup_steps
+        return base_lr * (start + (1.0 - start) * step / warmup_steps)
+
+    def check(step: int) -> None:
+        if step < 0:
+            raise ValueError(f"lr schedule: step must be >= 0, got {step}")
+
+    if name == "cosine":
+        decay_steps = total_steps - warmup_steps
+
+        def cosine(step: int) -> float:
+            check(step)
+            if step < warmup_steps:
+                return warmup(step, 0.5)
+            progress = min(step - warmup_steps, decay_steps) / decay_steps
+            return final_cosine + (base_lr - final_cosine) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return cosine
+
+    if name == "legacy":
+        logger.warning("lr schedule 'legacy' (T5's inverse square root) does not use base_lr=%g", base_lr)
+        isr_steps = math.ceil(total_steps * 0.9)  # same float expression as nanoT5
+        tail = total_steps - isr_steps
+
+        def isr(step: int) -> float:
+            return 1e-2 if step == 0 else min(1e-2, 1.0 / math.sqrt(step))
+
+        def legacy(step: int) -> float:
+            check(step)
+            if step < isr_steps:
+                return isr(step)
+            if step >= total_steps:
+                return 0.0
+            return isr(isr_steps) * (1.0 - (step - isr_steps) / tail)
+
+        return legacy
+
+    if name == "constant":
+        def constant(step: int) -> float:
+            check(step)
+            return warmup(step, 0.0) if step < warmup_steps else base_lr
+
+        return constant
+
+    def linear(step: int) -> float:
+        check(step)
+        if step < warmup_steps:
+            return warmup(step, 0.0)
+        return base_lr * max(0.0, (total_steps - step) / (total_steps - warmup_steps))
+
+    return linear
