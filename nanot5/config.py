@@ -65,7 +65,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    name: str = "google/t5-v1_1-base"  # HF name, local folder, spiece.model, or `demo` (trained and cached)
+    # HF name, local folder, spiece.model, `demo` (trained and cached), or "" for model.name's tokenizer
+    name: str = "google/t5-v1_1-base"
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,15 @@ def set_matmul_precision(precision: str, device: torch.device) -> None:
 def build_tokenizer(cfg: Config):
     from nanot5.data.tokenizer import load_tokenizer
 
-    name = cfg.tokenizer.name
+    name = cfg.tokenizer.name or cfg.model.name  # "": the tokenizer saved with the model
     if name == "demo":
         from nanot5.data.demo import demo_tokenizer
 
         return load_tokenizer(demo_tokenizer())
-    return load_tokenizer(name)
+    try:
+        return load_tokenizer(name)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"tokenizer.name={name!r}: {e}") from e
 
 
 def model_config(cfg: Config) -> T5Config:
