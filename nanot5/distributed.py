@@ -67,3 +67,59 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: str = "fp32") -> torch.nn.Module:
+    """DDP, or FSDP2 (`fully_shard` per block, then the root) with a bf16 mixed-precision policy."""
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
+        for stack in (model.encoder, model.decoder):
+            for block in stack.blocks:
+                fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    raise ValueError(f"distributed.strategy={strategy!r}: use ddp or fsdp")
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer, strategy: str,
+                     optimizer_too: bool = True) -> tuple[dict, dict | None]:
+    """Unsharded model and optimizer state dicts (collective under FSDP: call on every rank)."""
+    if strategy != "fsdp" or not (dist.is_available() and dist.is_initialized()):
+        return model.state_dict(), optimizer.state_dict() if optimizer_too else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer_too else None
+    return get_model_state_dict(model, options=opts), optim
+
+
+def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict,
+                          strategy: str) -> None:
+    if strategy != "fsdp" or not (dist.is_available() and dist.is_initialized()):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, model_state, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=opts)

@@ -177,6 +177,14 @@ class Data:
         self.train.load_state_dict(state)
         self.iterator = iter(self.train)
 
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the data states of a run with a different number of processes."""
+        if not hasattr(self.train, "load_resharded_state"):
+            raise CheckpointError(f"this data pipeline cannot resume from a checkpoint written by {len(states)} "
+                                  f"processes with {self.env.world_size}; resume with {len(states)}")
+        self.train.load_resharded_state(states)
+        self.iterator = iter(self.train)
+
 
 def sni_collator(cfg: Config, tokenizer, seed: int):
     from nanot5.data.sni import SNICollator
@@ -277,6 +285,8 @@ def train(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, len(tokenizer)).to(device)
+    strategy = cfg.distributed.strategy if env.enabled else "single"
+    train_model = distributed.wrap_model(model, strategy, env, cfg.precision) if env.enabled else model
     groups = param_groups(model, cfg.optim.weight_decay)
     optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.base_lr,
                                 weight_decay=cfg.optim.weight_decay)
@@ -292,20 +302,18 @@ def train(cfg: Config) -> dict[str, Any]:
     step, window = 0, {"loss": 0.0, "steps": 0, "skipped": 0}
     tokens_seen = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        distributed.load_full_state_dicts(model, optimizer, resume["model"], resume["optimizer"], strategy)
         trainer = resume["trainer"]
         step, window, tokens_seen = trainer["step"], trainer["window"], trainer["tokens"]
-        data.load_state_dict(trainer["data"])
-        set_rng_state(trainer["rng"])
+        ranks = trainer["ranks"]
+        if len(ranks) == env.world_size:
+            data.load_state_dict(ranks[env.rank]["data"])
+            set_rng_state(ranks[env.rank]["rng"])
+        else:
+            data.load_resharded([r["data"] for r in ranks])
+            set_rng_state(ranks[0]["rng"])
         print(f"[nanot5] resumed from {resume['path']} at step {step}")
     resume_step = step if resume is not None else None
-
-    train_model = model
-    if env.enabled:
-        from nanot5.distributed import wrap_model
-
-        train_model = wrap_model(model, cfg.distributed.strategy, env)
     forward = torch.compile(train_model) if cfg.model.compile else train_model
 
     config_yaml = cfg.to_yaml()
@@ -327,12 +335,13 @@ def train(cfg: Config) -> dict[str, Any]:
     train_time = 0.0
 
     def save():
-        state = {"step": step, "window": window, "tokens": tokens_seen, "data": data.state_dict(),
-                 "rng": rng_state()}
+        # every rank's data position and RNG; weights gathered whole (a collective under FSDP)
+        ranks = distributed.all_gather_objects({"data": data.state_dict(), "rng": rng_state()})
+        model_state, optim_state = distributed.full_state_dicts(model, optimizer, strategy)
+        state = {"step": step, "window": window, "tokens": tokens_seen, "ranks": ranks}
         if env.is_main:
-            path = save_checkpoint(ckpt_root, step, model_state=model.state_dict(),
-                                   optimizer_state=optimizer.state_dict(), trainer_state=state,
-                                   config_yaml=config_yaml, keep=cfg.checkpoint.keep)
+            path = save_checkpoint(ckpt_root, step, model_state=model_state, optimizer_state=optim_state,
+                                   trainer_state=state, config_yaml=config_yaml, keep=cfg.checkpoint.keep)
             progress.write(f"[nanot5] saved checkpoint {path}")
         distributed.barrier()
 
@@ -362,11 +371,11 @@ def train(cfg: Config) -> dict[str, Any]:
                 shape = (micro_batches[0]["input_ids"].shape[1], micro_batches[0]["labels"].shape[1])
                 model_flops = flops_per_step(model.config, micro * cfg.optim.grad_acc * env.world_size, *shape)
             loss_sum = accumulate_gradients(forward, micro_batches, amp, scaler,
-                                            train_model.no_sync if env.enabled else None)
+                                            train_model.no_sync if strategy == "ddp" else None)
             tokens_per_step = n_tokens * env.world_size
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            grad_norm = (_full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
                          if cfg.optim.grad_clip > 0 else None)
             loss_value = distributed.all_reduce_sum(loss_sum.clone()) / env.world_size
             finite = bool(torch.isfinite(loss_value)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
@@ -399,7 +408,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 if grad_norm is not None:
                     event["grad_l2"] = float(grad_norm)
                 event["weights_l2"] = float(torch.linalg.vector_norm(
-                    torch.stack([p.detach().float().norm() for p in model.parameters()])))
+                    torch.stack([_full(p.detach()).float().norm() for p in model.parameters()])))
                 if model_flops and math.isfinite(peak):
                     event["mfu"] = model_flops / dt / peak
                 if window["skipped"]:
@@ -418,6 +427,11 @@ def train(cfg: Config) -> dict[str, Any]:
         logger.close()
     distributed.cleanup()
     return summary
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded DTensor (a collective), the tensor itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def check_compatible(cfg: Config, resume: dict[str, Any]) -> None:
@@ -466,6 +480,11 @@ def finish(cfg, model, tokenizer, data, run_dir, env, logger, step, steps, token
         if logger:
             logger.log({"kind": "eval", "step": step, "exact_match": metrics["exact_match"],
                         "rougeL": metrics["rougeL"]})
+    if not interrupted and getattr(cfg.distributed, "strategy", "") == "fsdp" and env.enabled:
+        state, _ = distributed.full_state_dicts(model, None, "fsdp", optimizer_too=False)
+        if env.is_main:
+            model = T5(model.config)
+            model.load_state_dict(state)
     if env.is_main and not interrupted:
         final = run_dir / "final"
         model.save_hf(final)
