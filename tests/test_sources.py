@@ -216,3 +216,123 @@ def test_hf_source_on_local_files_shards_and_resumes(tmp_path, monkeypatch, c4_d
                 assert [t for _, t in source.documents(r, num_readers, start=resumed[2][0])] == \
                     [t for _, t in full[k + 2:]]  # a position taken after a resume resumes too
         assert seen == Counter(docs)
+
+
+# ----------------------------------------------------------------------------- the demo corpus
+
+RST = """.. SPDX-License-Identifier: GPL-2.0
+.. _intro:
+
+======================
+The Title of the Page
+======================
+
+:Author: Somebody <someone@example.com>
+
+This first paragraph explains what the :mod:`os` module and its
+:func:`~os.path.join` helper do, with ``literal text`` and *emphasis*, see
+`the docs <https://docs.python.org/>`_ for more [#]_.
+
+Section
+-------
+
+Here is an example of how the :class:`Thing` is used in practice::
+
+    thing = Thing()
+    thing.run()
+
+.. code-block:: python
+
+   print("this is code and is dropped entirely")
+
+.. note::
+
+   A note body is prose and it should be kept as a paragraph of its own.
+
+.. note:: An inline note also counts as prose that is worth keeping here.
+
+.. function:: frobnicate(x, y)
+
+   Return the frobnication of *x* and *y*, which is a perfectly normal thing.
+
+   :param x: the first value
+
+>>> frobnicate(1, 2)
+3
+
++-------+-------+
+| a     | b     |
++-------+-------+
+
+* The first bullet item is a sentence with more than eight words in it.
+* Short item.
+
+-> ==> <== ### %%% &&& *** @@@ !!! ||| ---> <--- ~~~ ^^^ ===
+"""
+
+
+def test_rst_to_clean_paragraphs():
+    from nanot5.data.demo import documents_of, rst_paragraphs
+
+    paragraphs = rst_paragraphs(RST)
+    assert paragraphs == [
+        "This first paragraph explains what the os module and its join helper do, with literal text and "
+        "emphasis, see the docs for more.",
+        "Here is an example of how the Thing is used in practice:",
+        "A note body is prose and it should be kept as a paragraph of its own.",
+        "An inline note also counts as prose that is worth keeping here.",
+        "Return the frobnication of x and y, which is a perfectly normal thing.",
+        "The first bullet item is a sentence with more than eight words in it.",
+    ]
+    docs = documents_of(paragraphs, max_chars=150)
+    assert "\n".join(docs) == "\n".join(paragraphs) and all(len(d) <= 150 for d in docs) and len(docs) == 4
+
+
+def test_prepare_demo_without_apt_names_the_alternatives(tmp_path, monkeypatch):
+    import nanot5.data.demo as demo
+
+    monkeypatch.setattr(demo.shutil, "which", lambda tool: None)
+    with pytest.raises(DataError) as err:
+        demo.prepare_demo(tmp_path / "demo")
+    message = str(err.value)
+    assert "apt-get" in message and "data.source=c4" in message and "hf:NAME" in message and ".jsonl" in message
+    assert demo.data_prepare_main(["demo", "--out", str(tmp_path / "demo")]) == 1
+
+
+@pytest.mark.slow
+def test_prepare_demo_from_debian_packages(tmp_path, monkeypatch):
+    """Downloads python3-doc and linux-doc (~50 MB) from the Debian archive and builds the corpus."""
+    import shutil
+
+    import nanot5.data.demo as demo
+
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        pytest.skip("apt-get/dpkg not available (not a Debian-like system)")
+    monkeypatch.setenv("NANOT5_CACHE", str(tmp_path))
+    try:
+        out = demo.prepare_demo()
+    except DataError as e:
+        if str(e).startswith(("apt-get download", "apt-get update")):
+            pytest.skip(f"the Debian archive is unreachable: {e}")
+        raise
+    assert out == tmp_path / "corpora" / "demo"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["chars"]["train"] >= 15_000_000
+    n_train, n_val = meta["documents"]["train"], meta["documents"]["validation"]
+    assert 0.015 <= n_val / (n_train + n_val) <= 0.025
+    train, val = list(open_source("demo")), list(open_source("demo", split="validation"))
+    assert (len(train), len(val)) == (n_train, n_val)
+    assert not set(train) & set(val)  # held out by document
+    paragraphs = [p for d in train for p in d.split("\n")]
+    assert len(set(paragraphs)) == len(paragraphs)  # de-duplicated
+    # markup survives only in the odd malformed source paragraph
+    for marker in (":func:`", ":class:`", ":ref:`", "``", "http://", ".. code-block", ".. note::"):
+        assert sum(marker in p for p in paragraphs) <= 1e-3 * len(paragraphs), marker
+    assert demo.prepare_demo() == out  # cached: nothing is rebuilt
+    # the demo preset's tokenizer: 8000 pieces + 100 sentinels, trained on the train split
+    from nanot5.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(demo.demo_tokenizer())
+    assert (tok.vocab_size, tok.sentinel_id(0), tok.eos_id) == (8100, 8099, 1)
+    text = "The kernel schedules threads on the available CPUs."
+    assert tok.decode(tok.encode(text)) == text
