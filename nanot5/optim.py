@@ -37,7 +37,7 @@ OPTIMIZERS = ("adamwscale", "adafactor", "adamw")
 SCHEDULES = ("cosine", "legacy", "constant", "linear")
 _HALF = (torch.float16, torch.bfloat16)
 _FUSED_DEVICES = ("cpu", "cuda")  # where torch has the fused AdamW kernel with a tensor lr
-_CPU_FUSED_MIN_NUMEL = 1 << 16
+_FUSED_MIN_NUMEL = 1 << 16
 
 
 # --------------------------------------------------------------------------- helpers
@@ -89,9 +89,9 @@ class AdamWScale(torch.optim.Optimizer):
         p -= lr * weight_decay * p
     where rms(p) = ||p||_2 / sqrt(numel(p)) is taken before the update (nanoT5's `AdamWScale`,
     which is HF's old AdamW plus the rms factor). `scale_parameter=False` drops the factor
-    (plain HF-style AdamW). `fused=None` uses torch's fused AdamW kernel where it exists
-    (CUDA; on CPU for tensors of >= 64Ki elements) and foreach ops elsewhere; `fused=True`
-    or `False` forces one. Both are exact and never sync with the host.
+    (plain HF-style AdamW). `fused=None` uses torch's fused AdamW kernel (CPU, CUDA) for
+    tensors of >= 64Ki elements and foreach ops for the rest; `fused=True` or `False` forces
+    one. Both are exact and never sync with the host.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -121,9 +121,10 @@ class AdamWScale(torch.optim.Optimizer):
             if not supported:
                 raise RuntimeError(f"AdamWScale(fused=True): no fused kernel for {p.dtype} on {p.device}")
             return True
-        # On CPU each fused call opens a parallel region: for small tensors that costs more than
-        # the passes it saves (and, on a busy machine, milliseconds); foreach runs them inline.
-        return supported and (p.device.type != "cpu" or p.numel() >= _CPU_FUSED_MIN_NUMEL)
+        # One fused call per matrix pays off for big ones. Small ones (norm weights) go to foreach,
+        # which on CUDA updates them all with a few launches, and on CPU runs them inline instead
+        # of opening a parallel region per call (milliseconds each on a busy machine).
+        return supported and p.numel() >= _FUSED_MIN_NUMEL
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -301,12 +302,10 @@ class Adafactor(torch.optim.Optimizer):
 
         if factored:
             row, col = blocked(state["exp_avg_sq_row"]), state["exp_avg_sq_col"]
-            R, C = g.shape[-2], g.shape[-1]
-            # mean(g^2 + eps1) over columns / rows, as squared norms: no (R, C) temporary
-            row.mul_(beta2t).add_(torch.linalg.vector_norm(g, dim=-1).square_().div_(C).add_(eps1),
-                                  alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(torch.linalg.vector_norm(g, dim=-2).square_().div_(R).add_(eps1),
-                                  alpha=1.0 - beta2t)
+            sq = g * g  # mean(g^2 + eps1) = mean(g^2) + eps1, added to the (R,) and (C,) means only
+            row.mul_(beta2t).add_(sq.mean(dim=-1).add_(eps1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(sq.mean(dim=-2).add_(eps1), alpha=1.0 - beta2t)
+            del sq
             # u = g * r_i * c_j with r = rsqrt(row / mean(row)), c = rsqrt(col) (Shazeer & Stern, eq. 7)
             r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()  # (..., R)
             gc = g * col.rsqrt().unsqueeze(-2)  # (..., R, C)
@@ -431,7 +430,8 @@ def build_optimizer(name: str, params_or_groups: Iterable, *, lr: float, weight_
     adafactor. Adafactor has no betas (no momentum, decay -0.8, as in nanoT5). Group entries
     such as `weight_decay` override these arguments, as in torch.
     """
-    params = list(params_or_groups)
+    # copies: torch optimizers write their defaults into the group dicts they are given
+    params = [dict(p) if isinstance(p, dict) else p for p in params_or_groups]
     if name == "adamwscale":
         return AdamWScale(params, lr=lr, betas=betas, eps=1e-6 if eps is None else eps,
                           weight_decay=weight_decay)

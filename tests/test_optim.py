@@ -45,6 +45,7 @@ class Toy(nn.Module):
         self.norm = RMSNorm(6).to(dtype)
         self.gain = nn.Parameter(torch.tensor(0.7, dtype=dtype))
         self.tiny = nn.Parameter(torch.randn(4, 3, dtype=dtype) * 1e-5)  # rms below the 1e-3 floor
+        self.big = nn.Parameter(torch.randn(256, 257, dtype=dtype) * 0.1)  # AdamWScale's fused size
         with torch.no_grad():
             self.norm.weight.uniform_(0.5, 1.5)
 
@@ -149,7 +150,7 @@ def ref_adafactor(mats, grads, lrs, eps=(1e-30, 1e-3), clip=1.0, decay=-0.8, bet
 
 # ----------------------------------------------------------------------- AdamWScale
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False, None])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamwscale_matches_reference(dtype, fused, wd):
     model = toy(dtype)
@@ -189,6 +190,17 @@ def test_adamwscale_rms_factor_matters():
     run(AdamWScale(a.parameters(), lr=1.0), list(a.parameters()), grads)
     run(AdamWScale(b.parameters(), lr=1.0, scale_parameter=False), list(b.parameters()), grads)
     assert rel_err(list(a.parameters()), list(b.parameters())) > 1e-3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamwscale_bf16_tracks_fp32(fused):
+    # bf16 parameters and state: the same trajectory as fp32, to bf16 precision
+    ref, half = toy(), toy().to(torch.bfloat16)
+    grads = grad_seq(list(ref.parameters()), steps=10)
+    run(AdamWScale(ref.parameters(), lr=1.0, fused=fused), list(ref.parameters()), grads)
+    run(AdamWScale(half.parameters(), lr=1.0, fused=fused), list(half.parameters()),
+        [[g.bfloat16() for g in gs] for gs in grads])
+    assert rel_err(list(half.parameters()), list(ref.parameters())) <= 2e-2
 
 
 # ------------------------------------------------------------------------ Adafactor
