@@ -8,7 +8,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -49,7 +48,7 @@ def merge(inputs: torch.Tensor, targets: torch.Tensor, first_sentinel: int, eos:
     """Undo span corruption: each sentinel in an input row is replaced by the tokens that follow the same
     sentinel in the target row; trailing EOS dropped. Sentinels are ids > first_sentinel - 100."""
     rows = []
-    for inp, tgt in zip(inputs.tolist(), targets.tolist()):
+    for inp, tgt in zip(inputs.tolist(), targets.tolist(), strict=True):
         assert inp[-1] == eos and tgt[-1] == eos
         spans, current = {}, None
         for t in tgt[:-1]:
@@ -80,7 +79,7 @@ def make(source, tok, **kw) -> PretrainLoader:
 
 def assert_same_batches(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys() == {"input_ids", "labels"}
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
 

@@ -87,7 +87,7 @@ def test_trained_tokenizer_round_trips_and_matches_sentencepiece(trained):
     normalizer = spm.SentencePieceNormalizer(model_file=str(out / "spiece.model"))
     ids = tok.encode_batch(texts)
     assert ids == [sp.encode(t) for t in texts]  # the SentencePiece model itself is the oracle
-    for text, row in zip(texts, ids):
+    for text, row in zip(texts, ids, strict=True):
         # the normalizer writes spaces as "▁" and adds the dummy-prefix "▁"
         assert tok.decode(row) == normalizer.normalize(text).replace("▁", " ").strip()
         assert 2 not in row  # full coverage: no <unk> in the training text
