@@ -1,22 +1,32 @@
 """Pre-training batches: documents -> tokens -> raw windows -> shuffle -> T5 span corruption.
 
-Each reader (one DataLoader worker of one rank, see sources.py) turns its share of the documents
-into a token stream (EOS after every document, as nanoT5 and T5 do), cuts it into raw_length
-windows, shuffles them in fixed *blocks* of `shuffle_buffer` windows with a permutation seeded by
-(seed, reader, block), batches them and span-corrupts each batch with a generator seeded by
-(seed, reader, batch index).
+The stream is cut into R *logical readers* (`num_readers`), a number fixed for a run and independent of
+how many processes and DataLoader workers read it. Reader j reads documents j, j+R, j+2R, ...
+(`source.documents(j, R)`), turns them into a token stream (EOS after every document, as nanoT5 and T5
+do), cuts it into raw_length windows, shuffles them in fixed *blocks* of `shuffle_buffer` windows with a
+permutation seeded by (seed, j, block), and emits *sub-batches* of S = global_batch / R windows, each
+span-corrupted with a generator seeded by (seed, j, sub-batch index). Nothing depends on the rank or
+the worker, so:
 
-Why blocks instead of a streaming shuffle buffer: a block is a pure function of where it starts
-(a document position and a token offset into that document), so the whole state of a reader is a
-few integers: that start, the block index, how many windows of the block were already batched and
-the batch counter. Resuming re-reads one block (at most shuffle_buffer windows) and lands on exactly
-the batch the uninterrupted stream would have produced next. With worker processes, DataLoader
-takes batches from workers round-robin; the loader records which worker produced each batch and
-that worker's state after it, and on resume rotates the worker ids so the next batch again comes
-from the worker whose turn it is.
+    global micro-batch t = [reader 0's t-th sub-batch, reader 1's, ..., reader R-1's]   (global_batch rows)
+    rank r of W          = the contiguous readers [r*R/W, (r+1)*R/W)                    (batch_size rows)
+    worker w of a rank   = a contiguous group of the rank's readers; the main process joins one output of
+                           every worker per step, in worker order, so the rank batch is in reader order.
 
-The tail of an epoch shorter than a window is dropped; the next epoch starts a new pass over the
-same documents (reshuffled, since block indices keep counting).
+The global batch at step t is therefore the same rows in the same order for any world size and any
+number of workers, which is what makes N-process training equal 1-process training, and lets a
+checkpoint written by N ranks resume on M ranks (`load_resharded_state`).
+
+Why blocks instead of a streaming shuffle buffer: a block is a pure function of where it starts (a
+document position and a token offset into that document), so the whole state of a reader is a few
+integers: that start, the block index, how many windows of the block were already emitted and the
+sub-batch counter. Resuming re-reads one block (at most shuffle_buffer windows) per reader and lands on
+exactly the sub-batch the uninterrupted stream would have produced next.
+
+The tail of an epoch shorter than a window is dropped; the next epoch starts a new pass over the same
+documents (reshuffled, since block indices keep counting). In a finite pass (evaluation) a reader's last
+sub-batch may be short and readers may run out at different steps: a step then holds the rows of the
+readers that still have some, which keeps "union over ranks = the single-process batch".
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import itertools
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,14 +48,18 @@ from nanot5.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanot5.data")
 
-DEFAULT_SHUFFLE_WINDOWS = 8192  # ~4.7M tokens at raw_length 568: about nanoT5's 10k-document buffer
-STATE_VERSION = 1
+DEFAULT_SHUFFLE_WINDOWS = 8192  # per reader, ~4.7M tokens at raw_length 568: about nanoT5's 10k-document buffer
+MIN_BLOCK_WINDOWS = 64  # without a shuffle, blocks only bound what a resume re-reads: keep them from being tiny
+STATE_VERSION = 2  # 2: per logical reader ({reader_id: state}) and a global step; 1 was per (rank, worker)
+PER_RANK_KEYS = ("batch_size", "rank", "world_size")  # may change between runs when resharding
+
+Batch = tuple[np.ndarray, np.ndarray]  # (inputs (B, input_length), targets (B, target_length))
 
 
 def _initial_state() -> dict:
     # epoch; pos/offset: where the current block starts (document position, tokens of it already used;
     # pos None = start of the epoch); block: blocks started by this reader; taken: windows of the current
-    # block already batched; batch: batches produced by this reader.
+    # block already emitted; batch: sub-batches emitted by this reader.
     return {"epoch": 0, "pos": None, "offset": 0, "block": 0, "taken": 0, "batch": 0}
 
 
@@ -110,37 +124,35 @@ class _TokenStream:
 
 
 class _Pipeline:
-    """Everything a reader needs to produce batches; picklable, shared with worker processes."""
+    """Everything a logical reader needs to produce sub-batches; picklable, shared with worker processes."""
 
-    def __init__(self, source: Source, tokenizer: Tokenizer, *, raw_length: int, batch_size: int,
-                 noise_density: float, mean_noise_span_length: float, seed: int, shuffle_buffer: int,
-                 infinite: bool, docs_per_chunk: int):
-        self.source, self.tokenizer = source, tokenizer
-        self.raw_length, self.batch_size = raw_length, batch_size
+    def __init__(self, source: Source, tokenizer: Tokenizer, *, num_readers: int, raw_length: int,
+                 sub_batch: int, noise_density: float, mean_noise_span_length: float, seed: int,
+                 shuffle_buffer: int, infinite: bool, docs_per_chunk: int):
+        self.source, self.tokenizer, self.num_readers = source, tokenizer, num_readers
+        self.raw_length, self.sub_batch = raw_length, sub_batch
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
         self.seed, self.shuffle_buffer, self.infinite = seed, shuffle_buffer, infinite
         self.docs_per_chunk = docs_per_chunk
         self.sentinel_id = tokenizer.sentinel_id(0)
-        # without a shuffle, blocks only bound how much is re-read on resume
-        self.block_windows = shuffle_buffer if shuffle_buffer > 0 else batch_size
+        # without a shuffle the window order does not depend on the block size: blocks only bound a resume
+        self.block_windows = shuffle_buffer if shuffle_buffer > 0 else max(sub_batch, MIN_BLOCK_WINDOWS)
 
-    def batches(self, reader_id: int, num_readers: int, state: dict
-                ) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
-        """Yield (inputs (B, input_length), targets (B, target_length), state after this batch).
-
-        The last batch of a finite stream may have fewer rows."""
-        raw, B = self.raw_length, self.batch_size
+    def sub_batches(self, reader_id: int, state: dict) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
+        """Reader `reader_id`'s stream from `state`: yield (inputs (S, input_length), targets (S, target_length),
+        the reader's state after this sub-batch). The last sub-batch of a finite stream may have fewer rows."""
+        raw, S, R = self.raw_length, self.sub_batch, self.num_readers
         st = dict(state)
         cur = {k: st[k] for k in ("epoch", "pos", "offset", "block")}
         taken, nbatch = st["taken"], st["batch"]
         stream, windows_this_epoch = None, 0
-        pending: list[np.ndarray] = []  # windows waiting for a full batch
+        pending: list[np.ndarray] = []  # windows waiting for a full sub-batch
         pending_n = 0
         while True:
             if stream is None:
                 windows_this_epoch = 0 if cur["pos"] is None else -1  # -1: resumed mid-epoch, unknown
-                stream = _TokenStream(self.source, self.tokenizer, reader_id, num_readers, cur["pos"],
-                                      cur["offset"], self.docs_per_chunk)
+                stream = _TokenStream(self.source, self.tokenizer, reader_id, R, cur["pos"], cur["offset"],
+                                      self.docs_per_chunk)
             tokens = stream.take(self.block_windows * raw)
             nwin = len(tokens) // raw
             windows = tokens[: nwin * raw].reshape(nwin, raw)  # (nwin, raw)
@@ -150,9 +162,9 @@ class _Pipeline:
             if len(tokens) < self.block_windows * raw:  # the reader's documents ran out: epoch over
                 nxt = {"epoch": cur["epoch"] + 1, "pos": None, "offset": 0, "block": cur["block"] + 1}
                 if windows_this_epoch == 0 and nwin == 0:
-                    raise DataError(f"{self.source.name}: reader {reader_id} of {num_readers} got less than one "
-                                    f"window ({raw} tokens) from a whole epoch; use more data, fewer workers/ranks "
-                                    "or a shorter input_length")
+                    raise DataError(f"{self.source.name}: reader {reader_id} of {R} got less than one window "
+                                    f"({raw} tokens) from a whole epoch; use more data, fewer readers "
+                                    "(num_readers) or a shorter input_length")
                 self.source.log_skipped()
                 stream = None
             else:
@@ -162,27 +174,50 @@ class _Pipeline:
                 windows_this_epoch += nwin
             i = taken
             while i < nwin:
-                k = min(B - pending_n, nwin - i)
+                k = min(S - pending_n, nwin - i)
                 pending.append(windows[i:i + k])
                 pending_n += k
                 i += k
-                if pending_n == B:
+                if pending_n == S:
                     after = {**cur, "taken": i} if i < nwin else {**nxt, "taken": 0}
                     yield self._corrupt(np.concatenate(pending), reader_id, nbatch) + ({**after, "batch": nbatch + 1},)
                     nbatch += 1
                     pending, pending_n = [], 0
             cur, taken = nxt, 0
             if stream is None and not self.infinite:
-                if pending_n:  # the short last batch of a finite stream
+                if pending_n:  # the short last sub-batch of a finite stream
                     yield self._corrupt(np.concatenate(pending), reader_id, nbatch) + (
                         {**cur, "taken": 0, "batch": nbatch + 1},)
                 return
 
-    def _corrupt(self, windows: np.ndarray, reader_id: int, batch_index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _corrupt(self, windows: np.ndarray, reader_id: int, batch_index: int) -> Batch:
         rng = np.random.default_rng([self.seed, reader_id, 1, batch_index])
         return span_corrupt(windows, noise_density=self.noise_density,
                             mean_noise_span_length=self.mean_noise_span_length,
                             sentinel_id=self.sentinel_id, eos_id=self.tokenizer.eos_id, rng=rng)
+
+    def steps(self, reader_ids: Sequence[int], states: dict[int, dict]
+              ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, dict]]]:
+        """Per step, the readers' next sub-batches joined in reader order, and their states after it.
+
+        A reader that ran out (finite mode) adds nothing; the stream ends when all of them have."""
+        streams = {j: self.sub_batches(j, states[j]) for j in reader_ids}
+        while streams:
+            inputs, targets, after = [], [], {}
+            for j in list(streams):
+                try:
+                    x, y, after[j] = next(streams[j])
+                except StopIteration:
+                    del streams[j]
+                    continue
+                inputs.append(x)
+                targets.append(y)
+            if not inputs:
+                return
+            if len(inputs) == 1:
+                yield inputs[0], targets[0], after
+            else:
+                yield np.concatenate(inputs), np.concatenate(targets), after
 
 
 def _to_batch(inputs: np.ndarray, targets: np.ndarray) -> dict[str, torch.Tensor]:
@@ -191,22 +226,23 @@ def _to_batch(inputs: np.ndarray, targets: np.ndarray) -> dict[str, torch.Tensor
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
-    """DataLoader worker w runs logical reader (w + rotation) % num_workers from its saved state."""
+    """DataLoader worker w runs the readers groups[w] from their saved states and yields, per step, their
+    joined sub-batches tagged with (worker, step, states after it); then, in a finite pass, one 'done'."""
 
-    def __init__(self, pipeline: _Pipeline, states: list[dict], rank: int, world_size: int, rotation: int):
+    def __init__(self, pipeline: _Pipeline, groups: list[list[int]], states: dict[int, dict], step: int):
         super().__init__()
-        self.pipeline, self.states, self.rank, self.world_size = pipeline, states, rank, world_size
-        self.rotation = rotation
+        self.pipeline, self.groups, self.states, self.step = pipeline, groups, states, step
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        num_workers = len(self.states)
-        w = (info.id + self.rotation) % num_workers
-        reader_id, num_readers = self.rank * num_workers + w, self.world_size * num_workers
-        for inputs, targets, state in self.pipeline.batches(reader_id, num_readers, self.states[w]):
+        w = torch.utils.data.get_worker_info().id
+        step = self.step
+        for inputs, targets, after in self.pipeline.steps(self.groups[w], self.states):
             batch = _to_batch(inputs, targets)
-            batch["_meta"] = {"worker": w, "state": state, "skipped": dict(self.pipeline.source.skipped)}
+            batch["_meta"] = {"worker": w, "step": step, "states": after, "done": False,
+                              "skipped": dict(self.pipeline.source.skipped)}
             yield batch
+            step += 1
+        yield {"_meta": {"worker": w, "step": step, "done": True, "skipped": dict(self.pipeline.source.skipped)}}
 
 
 def _identity(x):
@@ -216,12 +252,17 @@ def _identity(x):
 class PretrainLoader:
     """An iterable of span-corrupted pre-training batches
     `{"input_ids": (B, input_length), "labels": (B, target_length)}` (torch.long), deterministic from
-    `seed`, sharded over ranks and workers, resumable with `state_dict()`/`load_state_dict()`.
+    `seed`, and the same global stream for any number of ranks and workers (see the module docstring);
+    resumable with `state_dict()`/`load_state_dict()`, and across world sizes with `load_resharded_state()`.
 
     source: a spec for `open_source` ('c4', 'hf:...', 'demo', local files) or a Source.
     tokenizer: a name/path for `load_tokenizer` or a Tokenizer.
-    batch_size: rows per batch on this rank.
-    shuffle_buffer: windows shuffled together (0: keep document order).
+    batch_size: rows per batch on this rank (the per-rank micro-batch); the global micro-batch is
+        batch_size * world_size.
+    num_readers: logical readers R; the stream depends on R, never on world_size or num_workers, so keep R
+        fixed for a run (default world_size * max(1, num_workers)). R must be a multiple of world_size,
+        batch_size a multiple of R / world_size, and R / world_size a multiple of num_workers.
+    shuffle_buffer: windows each reader shuffles together (0: keep document order).
     infinite: loop over epochs forever (training); False: one pass, and every `iter()` starts again
         from the beginning with identical batches (evaluation; max_batches caps it).
     """
@@ -229,14 +270,17 @@ class PretrainLoader:
     def __init__(self, source: str | Source, tokenizer: str | Tokenizer, *, input_length: int = 512,
                  noise_density: float = 0.15, mean_noise_span_length: float = 3.0, batch_size: int = 128,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_WINDOWS, split: str = "train", text_column: str = "text",
-                 txt_mode: str = "paragraph", on_error: str = "raise", infinite: bool = True,
-                 max_batches: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
-                 docs_per_chunk: int = 256):
+                 num_readers: int | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_WINDOWS,
+                 split: str = "train", text_column: str = "text", txt_mode: str = "paragraph",
+                 on_error: str = "raise", infinite: bool = True, max_batches: int | None = None,
+                 pin_memory: bool = False, prefetch_factor: int = 2, docs_per_chunk: int = 256):
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0 or seed < 0 or docs_per_chunk < 1:
             raise ValueError("batch_size and docs_per_chunk must be >= 1; num_workers, shuffle_buffer, seed >= 0")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        R = world_size * max(1, num_workers) if num_readers is None else num_readers
+        self.readers = _reader_layout(R, rank=rank, world_size=world_size, batch_size=batch_size,
+                                      num_workers=num_workers)
         self.source = source if isinstance(source, Source) else open_source(
             source, split=split, text_column=text_column, txt_mode=txt_mode, on_error=on_error)
         self.tokenizer = load_tokenizer(tokenizer)
@@ -248,21 +292,22 @@ class PretrainLoader:
             raise ValueError(f"tokenizer {self.tokenizer.name!r}: span corruption needs sentinels "
                              f"<extra_id_k> = {s0} - k for k < {num_spans}")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers, self.shuffle_buffer, self.infinite = num_workers, shuffle_buffer, infinite
+        self.num_readers, self.num_workers = R, num_workers
+        self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
         self.max_batches, self.pin_memory, self.prefetch_factor = max_batches, pin_memory, prefetch_factor
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
-        self._pipeline = _Pipeline(self.source, self.tokenizer, raw_length=self.raw_length, batch_size=batch_size,
-                                   noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
-                                   seed=seed, shuffle_buffer=shuffle_buffer, infinite=infinite,
-                                   docs_per_chunk=docs_per_chunk)
-        self._states = [_initial_state() for _ in range(max(1, num_workers))]
-        self._batches = 0  # batches yielded (and so consumed) since the start of the stream
-        self._skipped: dict[int, dict] = {}
+        self._pipeline = _Pipeline(self.source, self.tokenizer, num_readers=R, raw_length=self.raw_length,
+                                   sub_batch=batch_size // len(self.readers), noise_density=noise_density,
+                                   mean_noise_span_length=mean_noise_span_length, seed=seed,
+                                   shuffle_buffer=shuffle_buffer, infinite=infinite, docs_per_chunk=docs_per_chunk)
+        self._states = {j: _initial_state() for j in self.readers}  # this rank's readers, after the last batch
+        self._step = 0  # global micro-batches consumed since the start of the stream
+        self._skipped: dict[int, dict] = {}  # per worker process
 
     @property
     def epoch(self) -> int:
         """The epoch the slowest reader of this rank is in."""
-        return min(s["epoch"] for s in self._states)
+        return min(s["epoch"] for s in self._states.values())
 
     @property
     def skipped(self) -> Counter:
@@ -273,62 +318,149 @@ class PretrainLoader:
         return total
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.infinite:
-            states, rotation = self._states, self._batches
-        else:  # evaluation: always the same batches from the start
-            states, rotation = [_initial_state() for _ in self._states], 0
         if self.max_batches == 0:
             return
-        # states advance inside _produce just before each yield, i.e. exactly when a batch is handed over
-        for n, batch in enumerate(self._produce(states, rotation), 1):
+        if self.infinite:
+            states, step = copy.deepcopy(self._states), self._step
+        else:  # evaluation: always the same batches from the start
+            states, step = {j: _initial_state() for j in self.readers}, 0
+        # states advance just before each yield, i.e. exactly when a batch is handed over
+        for n, (batch, after) in enumerate(self._produce(states, step), 1):
             if self.infinite:
-                self._batches += 1
+                self._states.update(after)
+                self._step += 1
             yield batch
             if self.max_batches is not None and n >= self.max_batches:
                 return
 
-    def _produce(self, states: list[dict], rotation: int) -> Iterator[dict[str, torch.Tensor]]:
-        W = len(states)
+    def _produce(self, states: dict[int, dict], step: int
+                 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[int, dict]]]:
+        """Yield (this rank's batch, its readers' states after it), step after step."""
         if self.num_workers == 0:
-            for inputs, targets, state in self._pipeline.batches(self.rank, self.world_size, states[0]):
-                states[0] = state
-                yield _to_batch(inputs, targets)
+            for inputs, targets, after in self._pipeline.steps(self.readers, states):
+                yield self._pinned(_to_batch(inputs, targets)), after
             return
         # Worker processes must not fork a multi-threaded Rust tokenizer (and would oversubscribe cores).
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        dataset = _WorkerDataset(self._pipeline, copy.deepcopy(states), self.rank, self.world_size, rotation % W)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                             collate_fn=_identity, pin_memory=self.pin_memory,
+        nw, per = self.num_workers, len(self.readers) // self.num_workers
+        groups = [list(self.readers[w * per:(w + 1) * per]) for w in range(nw)]
+        dataset = _WorkerDataset(self._pipeline, groups, states, step)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=nw, collate_fn=_identity,
                                              prefetch_factor=self.prefetch_factor)
-        for batch in loader:
-            meta = batch.pop("_meta")
-            states[meta["worker"]] = meta["state"]
-            self._skipped[meta["worker"]] = meta["skipped"]
-            yield batch
+        # DataLoader takes outputs from workers in turn; outputs are still grouped by their step tag, so a
+        # step is complete once every worker sent its part or said it is done (finite passes only).
+        pending: dict[int, dict[int, tuple[dict, dict]]] = {}  # step -> worker -> (batch, states)
+        done: set[int] = set()
+        for item in loader:
+            meta = item.pop("_meta")
+            w = meta["worker"]
+            self._skipped[w] = meta["skipped"]
+            if meta["done"]:
+                done.add(w)
+            else:
+                pending.setdefault(meta["step"], {})[w] = (item, meta["states"])
+            while all(w in pending.get(step, ()) or w in done for w in range(nw)):
+                parts = [pending[step][w] for w in sorted(pending[step])] if step in pending else []
+                if not parts:
+                    return  # every worker is done
+                del pending[step]
+                if len(parts) == 1:
+                    batch = parts[0][0]
+                else:
+                    batch = {k: torch.cat([p[0][k] for p in parts]) for k in ("input_ids", "labels")}
+                after = {j: s for _, states_after in parts for j, s in states_after.items()}
+                step += 1
+                yield self._pinned(batch), after
+
+    def _pinned(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.pin_memory and torch.cuda.is_available():
+            return {k: v.pin_memory() for k, v in batch.items()}
+        return batch
 
     # ------------------------------------------------------------------------- checkpointing
 
     def _config(self) -> dict:
+        # per-rank keys (PER_RANK_KEYS) before global_batch, so a changed batch_size is named as such
         return {"source": self.source.describe(), "input_length": self.input_length,
                 "noise_density": self.noise_density, "mean_noise_span_length": self.mean_noise_span_length,
-                "batch_size": self.batch_size, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_workers": self.num_workers,
-                "shuffle_buffer": self.shuffle_buffer, "vocab_size": self.tokenizer.vocab_size}
+                "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "vocab_size": self.tokenizer.vocab_size,
+                "num_readers": self.num_readers, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "global_batch": self.batch_size * self.world_size}
+
+    def _check(self, state: dict, skip: tuple[str, ...] = ()) -> dict[int, dict]:
+        """Check a state_dict against this loader's config; return its {reader_id: state}."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"loader state version {found!r} != {STATE_VERSION} (version 1 states, written "
+                             "per rank and worker before logical readers, cannot be resumed)")
+        saved = state["config"]
+        hints = {"num_readers": f": build the loader with num_readers={saved.get('num_readers')!r}",
+                 "global_batch": " (batch_size * world_size: the global micro-batch must not change)",
+                 "world_size": ": resume with load_resharded_state(states of all ranks)",
+                 "rank": ": load this rank's own state"}
+        for key, now in self._config().items():
+            if key not in skip and saved.get(key) != now:
+                raise ValueError(f"cannot resume data loader: {key} was {saved.get(key)!r} in the checkpoint, "
+                                 f"now {now!r}{hints.get(key, '')}")
+        return {int(j): s for j, s in state["readers"].items()}  # JSON turns int keys into strings
 
     def state_dict(self) -> dict:
-        """Where the stream is after the batches consumed so far: positions and counters, no data."""
-        return {"version": STATE_VERSION, "batches": self._batches, "workers": copy.deepcopy(self._states),
+        """Where the stream is after the batches consumed so far: this rank's readers' positions and the
+        global step, no data. `{"version", "step", "readers": {reader_id: state}, "config"}`."""
+        return {"version": STATE_VERSION, "step": self._step, "readers": copy.deepcopy(self._states),
                 "config": self._config()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly after the batches consumed when `state` was taken. The loader must be built
-        with the same source, tokenizer, lengths, batch size, seed, ranks and workers."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION}")
-        saved, ours = state["config"], self._config()
-        for key in ours:
-            if saved.get(key) != ours[key]:
-                raise ValueError(f"cannot resume data loader: {key} was {saved.get(key)!r} in the checkpoint, "
-                                 f"now {ours[key]!r}")
-        self._states = copy.deepcopy(list(state["workers"]))
-        self._batches = int(state["batches"])
+        """Continue exactly after the batches consumed when `state` was taken. The loader must be built with
+        the same source, tokenizer, lengths, seed, num_readers, batch size and rank layout (num_workers may
+        differ: the stream does not depend on it)."""
+        readers = self._check(state)
+        if set(readers) != set(self.readers):
+            raise ValueError(f"loader state holds readers {sorted(readers)}, this rank runs {list(self.readers)}")
+        self._states = {j: copy.deepcopy(readers[j]) for j in self.readers}
+        self._step = int(state["step"])
+
+    def load_resharded_state(self, states: list[dict]) -> None:
+        """Continue the stream saved by a run with another world size: `states` are the `state_dict()`s of
+        ALL its ranks (any order). Same source, tokenizer, lengths, seed, num_readers and global micro-batch
+        (batch_size * world_size) are required; this rank takes its own readers' states, so the global batch
+        at every later step is the one the uninterrupted run would have produced."""
+        if not states:
+            raise ValueError("load_resharded_state needs the data states of every rank of the saved run, got none")
+        merged: dict[int, dict] = {}
+        steps = set()
+        for i, state in enumerate(states):
+            for j, s in self._check(state, skip=PER_RANK_KEYS).items():
+                if j in merged:
+                    raise ValueError(f"reader {j} is in two of the given states (state {i} repeats a rank)")
+                merged[j] = s
+            steps.add(int(state["step"]))
+        if len(steps) != 1:
+            raise ValueError(f"the ranks' data states are at different steps {sorted(steps)}: they were not "
+                             "saved together")
+        missing = sorted(set(range(self.num_readers)) - set(merged))
+        if missing:
+            raise ValueError(f"the given states lack readers {missing} of {self.num_readers}: pass the data "
+                             "states of all ranks of the saved run")
+        self._states = {j: copy.deepcopy(merged[j]) for j in self.readers}
+        self._step = steps.pop()
+
+
+def _reader_layout(num_readers: int, *, rank: int, world_size: int, batch_size: int,
+                   num_workers: int) -> range:
+    """This rank's logical readers, after checking that readers split evenly over ranks, rows and workers."""
+    R = num_readers
+    if R < 1:
+        raise ValueError(f"num_readers must be >= 1, got {R}")
+    if R % world_size:
+        raise ValueError(f"num_readers={R} is not a multiple of world_size={world_size}: every rank must host "
+                         "the same number of logical readers")
+    local = R // world_size
+    if batch_size % local:
+        raise ValueError(f"batch_size={batch_size} (per rank) is not a multiple of num_readers / world_size = "
+                         f"{R} / {world_size} = {local}: each reader gives batch_size * world_size / num_readers "
+                         "rows per step")
+    if num_workers and local % num_workers:
+        raise ValueError(f"num_workers={num_workers} does not divide the {local} logical readers of a rank "
+                         f"(num_readers={R} / world_size={world_size}): each worker hosts the same number")
+    return range(rank * local, (rank + 1) * local)
