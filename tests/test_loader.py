@@ -1,13 +1,17 @@
-"""Pre-training loader: batches are span-corrupted windows of the packed token stream; ranks x workers
-read every document exactly once per epoch; resuming from state_dict() continues the exact stream."""
+"""Pre-training loader: batches are span-corrupted windows of the packed token stream; logical readers
+read every document exactly once per epoch; the global micro-batch does not depend on how many ranks and
+workers read it; resuming from state_dict() (or from every rank's state on another world size) continues
+the exact stream."""
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +22,7 @@ from nanot5.data.tokenizer import load_tokenizer
 
 INPUT_LENGTH = 64
 RAW, TARGET = compute_lengths(INPUT_LENGTH, 0.15, 3.0)  # raw window and target lengths
+GLOBAL = 8  # global micro-batch (batch_size * world_size) of the multi-rank tests
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +89,26 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
 
 
+def join(parts: list[dict | None]) -> dict:
+    """One global batch from the ranks' batches of a step, in rank order (None: a rank that ran out)."""
+    parts = [p for p in parts if p is not None]
+    return {k: torch.cat([p[k] for p in parts]) for k in ("input_ids", "labels")}
+
+
+def global_batches(source, tok, *, world_size: int, steps: int | None = None, **kw) -> list[dict]:
+    """The first `steps` global micro-batches of GLOBAL rows read by `world_size` ranks: each rank's loader
+    on its own (as in separate processes), joined per step in rank order."""
+    per_rank = [list(itertools.islice(make(source, tok, rank=r, world_size=world_size,
+                                           batch_size=GLOBAL // world_size, **kw), steps))
+                for r in range(world_size)]
+    return [join(list(parts)) for parts in itertools.zip_longest(*per_rank)]
+
+
+def rows_of(batches: list[dict]) -> list[tuple[int, ...]]:
+    """The raw windows of batches, in order (span corruption undone)."""
+    return [tuple(r) for b in batches for r in merge(b["input_ids"], b["labels"], 32099, 1)]
+
+
 def test_batches_are_corrupted_windows_of_the_packed_stream(c4_path, c4_docs, tok):
     loader = make(c4_path, tok, shuffle_buffer=0, infinite=False, max_batches=3)
     assert (loader.raw_length, loader.target_length) == (RAW, TARGET)
@@ -101,47 +126,100 @@ def test_batches_are_corrupted_windows_of_the_packed_stream(c4_path, c4_docs, to
             assert sentinels == list(range(32099, 32099 - len(sentinels), -1))
 
 
-def test_two_ranks_two_workers_read_every_document_once(c4_path, c4_docs, tok):
-    """2 ranks x 2 workers over the C4 sample, one epoch: reader r = rank * 2 + worker packs
-    documents r, r+4, ... (the source's round-robin); together the readers' windows are exactly
-    the windows of those four document streams, every window once."""
-    for rank in range(2):
-        loader = make(c4_path, tok, rank=rank, world_size=2, num_workers=2, shuffle_buffer=64, infinite=False,
-                      batch_size=16)
-        got = Counter(tuple(r) for b in loader for r in merge(b["input_ids"], b["labels"], 32099, 1))
-        expected = Counter()
-        for worker in range(2):
-            expected.update(windows_of(c4_docs[rank * 2 + worker::4], tok, RAW))
-        assert got == expected
+def test_readers_read_every_document_once_for_any_ranks_and_workers(c4_path, c4_docs, tok):
+    """One epoch of the C4 sample over R=4 logical readers: reader j packs documents j, j+4, ... (the
+    source's round-robin); together the readers' windows are exactly the windows of those four document
+    streams, every window once, and 2 ranks x 2 workers give the same global batches as 1 process."""
+    kw = dict(num_readers=4, shuffle_buffer=64, infinite=False)
+    one = global_batches(c4_path, tok, world_size=1, **kw)
+    expected = Counter()
+    for j in range(4):
+        expected.update(windows_of(c4_docs[j::4], tok, RAW))
+    assert Counter(rows_of(one)) == expected
+    # readers run out at different steps: the last global batches hold what the remaining readers have
+    sizes = [b["input_ids"].shape[0] for b in one]
+    assert sizes[0] == GLOBAL and sizes == sorted(sizes, reverse=True) and sizes[-1] < GLOBAL
+    assert_same_batches(global_batches(c4_path, tok, world_size=2, num_workers=2, **kw), one)
     # and the four readers' documents partition the corpus
     assert sorted(i for r in range(4) for i in range(r, len(c4_docs), 4)) == list(range(len(c4_docs)))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_gives_the_uninterrupted_stream(c4_path, tok, num_workers):
-    # shuffle blocks of 20 windows with batches of 8: batches straddle blocks
-    kw = dict(num_workers=num_workers, shuffle_buffer=20)
+def test_global_batch_is_reader_order_slices(c4_path, c4_docs, tok, num_workers):
+    """Oracle for the layout: rows [2j, 2j+2) of global batch t are reader j's sub-batch t, i.e. windows
+    2t, 2t+1 of its first shuffle block (the first 16 windows of documents j, j+4, ...) in the order of the
+    permutation seeded by (seed, j, block 0)."""
+    seed, block = 1234, 16
+    batches = list(itertools.islice(make(c4_path, tok, num_readers=4, num_workers=num_workers,
+                                         shuffle_buffer=block, seed=seed), 5))
+    for j in range(4):
+        first_block = windows_of(c4_docs[j::4][:40], tok, RAW)[:block]
+        order = np.random.default_rng([seed, j, 0, 0]).permutation(block)
+        got = rows_of([{k: b[k][2 * j:2 * j + 2] for k in b} for b in batches])
+        assert got == [first_block[i] for i in order[:10]]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # 4 workers on 2 cores
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 2), (1, 4), (2, 0), (2, 2), (4, 0), (4, 1)])
+def test_global_batches_do_not_depend_on_ranks_or_workers(c4_path, tok, world_size, num_workers):
+    """The acceptance point behind "N processes train like 1": for R=4 and a global batch of 8, every
+    (world_size, num_workers) layout gives the global micro-batches of 1 process without workers,
+    corruption included (its generator is seeded by reader and sub-batch, never by rank or worker)."""
+    kw = dict(num_readers=4, shuffle_buffer=16)
+    reference = global_batches(c4_path, tok, world_size=1, steps=5, **kw)
+    assert len(reference) == 5 and all(b["input_ids"].shape == (GLOBAL, INPUT_LENGTH) for b in reference)
+    got = global_batches(c4_path, tok, world_size=world_size, num_workers=num_workers, steps=5, **kw)
+    assert_same_batches(got, reference)
+
+
+@pytest.mark.parametrize(("num_workers", "resume_workers"), [(0, 0), (2, 2), (2, 0)])
+def test_resume_gives_the_uninterrupted_stream(c4_path, tok, num_workers, resume_workers):
+    # 4 readers, sub-batches of 2 windows, shuffle blocks of 5: sub-batches straddle blocks. The state is per
+    # logical reader, so it also resumes with another number of workers.
+    kw = dict(num_readers=4, shuffle_buffer=5)
     k = 7
-    it = iter(make(c4_path, tok, **kw))
-    reference = [next(it) for _ in range(k + 5)]
-    del it
-    first = make(c4_path, tok, **kw)
+    reference = list(itertools.islice(make(c4_path, tok, num_workers=num_workers, **kw), k + 5))
+    first = make(c4_path, tok, num_workers=num_workers, **kw)
     it = iter(first)
     assert_same_batches([next(it) for _ in range(k)], reference[:k])
     state = first.state_dict()
     del it
-    resumed = make(c4_path, tok, **kw)
+    assert state["step"] == k and sorted(state["readers"]) == [0, 1, 2, 3]
+    resumed = make(c4_path, tok, num_workers=resume_workers, **kw)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # states survive JSON (and torch.save)
     it = iter(resumed)
     assert_same_batches([next(it) for _ in range(5)], reference[k:])
     # a second resume from the resumed loader's state continues the same stream
-    again = make(c4_path, tok, **kw)
+    again = make(c4_path, tok, num_workers=num_workers, **kw)
     again.load_state_dict(resumed.state_dict())
     assert_same_batches([next(iter(again))], [next(it)])
 
 
+@pytest.mark.parametrize("new_world_size", [1, 4])
+def test_resume_on_another_world_size(c4_path, tok, new_world_size):
+    """A run on 2 ranks stops after k steps; every rank's state_dict is gathered; a run on 1 (or 4) ranks
+    picks its readers' states and continues with the global batches the 2-rank run would have produced."""
+    kw = dict(num_readers=4, shuffle_buffer=5)
+    k = 7
+    reference = global_batches(c4_path, tok, world_size=2, steps=k + 5, **kw)
+    states = []
+    for rank in range(2):
+        loader = make(c4_path, tok, rank=rank, world_size=2, batch_size=GLOBAL // 2, **kw)
+        list(itertools.islice(loader, k))
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    resumed = []
+    for rank in range(new_world_size):
+        loader = make(c4_path, tok, rank=rank, world_size=new_world_size, batch_size=GLOBAL // new_world_size,
+                      num_workers=2 if new_world_size == 1 else 0, **kw)
+        loader.load_resharded_state(states[::-1])  # any order of the ranks' states
+        resumed.append(list(itertools.islice(loader, 5)))
+        assert loader.state_dict()["step"] == k + 5
+    assert_same_batches([join(list(parts)) for parts in zip(*resumed, strict=True)], reference[k:])
+
+
 def test_resume_at_every_step_across_epochs(small_corpus, tok):
-    kw = dict(shuffle_buffer=6, batch_size=4)
+    # two readers of ~10 windows each: their epochs end at different steps
+    kw = dict(shuffle_buffer=6, batch_size=4, num_readers=2)
     loader = make(small_corpus, tok, **kw)
     stream, states = [], []
     for batch in loader:
@@ -178,6 +256,25 @@ def test_seed_determinism_and_finite_repeatability(c4_path, tok):
     assert_same_batches(a, b)  # evaluation batches are identical every time
 
 
+def test_evaluation_batches_are_repeatable_and_rank_independent(small_corpus, c4_docs, tok):
+    """Finite passes (evaluation) with 4 readers: the same batches on every iter(), also with worker
+    processes hosting two readers each; and the ranks of a 2- or 4-process run together see the rows of
+    the single-process pass, step by step, with or without max_batches."""
+    kw = dict(num_readers=4, shuffle_buffer=3, infinite=False)
+    single = make(small_corpus, tok, num_workers=2, **kw)
+    a, b = list(single), list(single)
+    assert_same_batches(a, b)
+    assert_same_batches(a, list(make(small_corpus, tok, **kw)))
+    expected = Counter()
+    for j in range(4):
+        expected.update(windows_of([d[:200] for d in c4_docs[:40]][j::4], tok, RAW))
+    assert Counter(rows_of(a)) == expected
+    assert a[-1]["input_ids"].shape[0] < GLOBAL  # short sub-batches at the end of the pass
+    assert_same_batches(global_batches(small_corpus, tok, world_size=2, **kw), a)
+    assert_same_batches(global_batches(small_corpus, tok, world_size=4, num_workers=1, **kw), a)
+    assert_same_batches(global_batches(small_corpus, tok, world_size=2, max_batches=2, **kw), a[:2])
+
+
 def test_finite_pass_covers_the_whole_source(small_corpus, c4_docs, tok):
     loader = make(small_corpus, tok, shuffle_buffer=0, infinite=False, batch_size=8)
     batches = list(loader)
@@ -194,6 +291,43 @@ def test_state_must_match_the_loader(c4_path, tok):
     with pytest.raises(ValueError, match="num_readers was 1 in the checkpoint, now 2: build the loader with "
                                          "num_readers=1"):
         make(c4_path, tok, num_workers=2).load_state_dict(state)
+
+
+def test_reader_layout_errors_name_the_settings(c4_path, tok):
+    with pytest.raises(ValueError, match="num_readers=3 is not a multiple of world_size=2"):
+        make(c4_path, tok, num_readers=3, world_size=2)
+    with pytest.raises(ValueError, match=r"batch_size=6 \(per rank\) is not a multiple of num_readers / "
+                                         r"world_size = 8 / 2 = 4"):
+        make(c4_path, tok, num_readers=8, world_size=2, batch_size=6)
+    with pytest.raises(ValueError, match="num_workers=3 does not divide the 4 logical readers of a rank"):
+        make(c4_path, tok, num_readers=4, num_workers=3)
+    with pytest.raises(ValueError, match="num_readers must be >= 1"):
+        make(c4_path, tok, num_readers=0)
+
+
+def test_resharded_state_must_match(c4_path, tok):
+    kw = dict(num_readers=4, shuffle_buffer=8)
+    ranks = [make(c4_path, tok, rank=r, world_size=2, batch_size=4, **kw) for r in range(2)]
+    states = [r.state_dict() for r in ranks]
+    one = make(c4_path, tok, **kw)
+    with pytest.raises(ValueError, match="world_size was 2 in the checkpoint, now 1: resume with "
+                                         "load_resharded_state"):
+        one.load_state_dict(states[0])
+    with pytest.raises(ValueError, match=r"global_batch was 8 in the checkpoint, now 4 \(batch_size \* world_size"):
+        make(c4_path, tok, batch_size=4, **kw).load_resharded_state(states)
+    with pytest.raises(ValueError, match="num_readers was 4 in the checkpoint, now 8"):
+        make(c4_path, tok, num_readers=8, shuffle_buffer=8).load_resharded_state(states)
+    with pytest.raises(ValueError, match=r"lack readers \[2, 3\] of 4: pass the data states of all ranks"):
+        one.load_resharded_state(states[:1])
+    with pytest.raises(ValueError, match="reader 0 is in two of the given states"):
+        one.load_resharded_state([states[0], states[0], states[1]])
+    with pytest.raises(ValueError, match="needs the data states of every rank"):
+        one.load_resharded_state([])
+    next(iter(ranks[1]))
+    with pytest.raises(ValueError, match=r"different steps \[0, 1\]"):
+        one.load_resharded_state([states[0], ranks[1].state_dict()])
+    with pytest.raises(ValueError, match="version 1 != 2"):
+        one.load_state_dict({**one.state_dict(), "version": 1})
 
 
 def test_bad_records_in_the_loader(tmp_path, c4_docs, tok):
