@@ -184,6 +184,58 @@ class RelativePositionBias(nn.Module):
         return F.embedding(buckets, self.weight).permute(2, 0, 1).unsqueeze(0)  # (1, H, T, S)
 
 
+class _Attention(torch.autograd.Function):
+    """softmax(q k^T + bias + mask) v (no 1/sqrt(D) scaling) with a hand-written backward.
+
+    Why not `F.scaled_dot_product_attention`: T5's position bias is learned, and SDPA on CPU
+    handles a mask that needs a gradient only in its unfused math fallback. Autograd through
+    matmul/add/softmax then keeps fp32 scores and probabilities of every layer; here the one
+    saved (B, H, T, S) tensor is the probabilities in the compute dtype, and the backward uses
+    the fused softmax-backward kernel: dS = P * (dP - rowsum(dP * P)).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask):
+        s = torch.matmul(q, k.transpose(-1, -2))  # (B, H, T, S), compute dtype
+        if bias is not None:
+            s = s + bias  # fp32 bias: added before rounding, as HF does under autocast
+        if mask is not None:
+            if mask.dtype != s.dtype:  # keep masked logits finite in a narrower dtype
+                mask = mask.clamp_min(torch.finfo(s.dtype).min).to(s.dtype)
+            s = s.add_(mask)  # s is a fresh tensor
+        p = torch.softmax(s, dim=-1).to(v.dtype)  # statistics in fp32 (autocast) or the input dtype
+        ctx.save_for_backward(q, k, v, p)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return torch.matmul(p, v)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, p = ctx.saved_tensors
+        dp = torch.matmul(dy, v.transpose(-1, -2))  # (B, H, T, S)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
+        dbias = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            dbias = ds.sum(0, keepdim=True, dtype=ctx.bias_dtype)  # (1, H, T, S)
+        return (torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q),
+                torch.matmul(p.transpose(-1, -2), dy), dbias, None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
+    """Unscaled multi-head attention: q (B, H, T, D), k and v (B, H, S, D) -> (B, H, T, D).
+
+    bias: (1, H, T, S) relative position bias (may require grad); mask: additive (B, 1, 1, S).
+    """
+    if dropout > 0.0:  # dropout on the probabilities (T5's attention dropout): plain autograd
+        s = torch.matmul(q, k.transpose(-1, -2))
+        s = s if bias is None else s + bias
+        s = s if mask is None else s + mask
+        p = F.dropout(torch.softmax(s, dim=-1), dropout, training=True)
+        return torch.matmul(p.to(v.dtype), v)
+    return _Attention.apply(q, k, v, bias, mask)
+
+
+
 class Attention(nn.Module):
     """Multi-head attention without logit scaling (T5 folds 1/sqrt(D) into the init of q).
 
@@ -211,9 +263,9 @@ class Attention(nn.Module):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return self.heads(k), self.heads(v)  # (B, H, S, D) each
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, memory: torch.Tensor | None = None,
-                cache: dict | None = None) -> torch.Tensor:
-        # x: (B, T, C); bias: additive (B or 1, H or 1, T, S), position bias + mask
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
+                memory: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        # x: (B, T, C); bias: (1, H, T, S) position bias or None; mask: additive (B, 1, 1, S) or None
         if self.cross:
             q = self.heads(self.q(x))
             if cache is not None:  # generation: encoder k, v computed once
@@ -230,8 +282,7 @@ class Attention(nn.Module):
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop,
-                                           scale=1.0)  # (B, H, T, D)
+        y = attention(q, k, v, bias, mask, drop)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).flatten(2))
 
 
@@ -270,11 +321,12 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, x, self_bias, memory=None, cross_bias=None, cache=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), self_bias,
+    def forward(self, x, self_bias, self_mask=None, memory=None, cross_mask=None, cache=None):
+        # x: (B, T, C); self_bias: (1, H, T, T); masks: additive (B, 1, 1, T or S) or None
+        x = x + self.drop(self.attn(self.attn_norm(x), self_bias, self_mask,
                                     cache=None if cache is None else cache["self"]))
         if memory is not None:
-            x = x + self.drop(self.cross(self.cross_norm(x), cross_bias, memory,
+            x = x + self.drop(self.cross(self.cross_norm(x), None, cross_mask, memory,
                                          cache=None if cache is None else cache["cross"]))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
@@ -299,30 +351,24 @@ class Stack(nn.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.drop = nn.Dropout(cfg.dropout_rate)
 
-    def self_bias(self, T: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """Position bias plus padding (and causal, in the decoder) mask: (B or 1, H, T, T)."""
-        bias = self.rel_bias(T, T)  # (1, H, T, T)
+    def position_bias(self, T: int) -> torch.Tensor:
+        """Relative position bias, causal-masked in the decoder: (1, H, T, T)."""
+        bias = self.rel_bias(T, T)
         if self.is_decoder:
             causal = torch.ones(T, T, dtype=torch.bool, device=bias.device).triu(1)
             bias = bias.masked_fill(causal, torch.finfo(bias.dtype).min)
-        pad = padding_bias(mask)
-        return bias if pad is None else bias + pad
+        return bias
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None):
-        # x: (B, T, C) embeddings
-        self_bias = self.self_bias(x.shape[1], mask)
-        cross_bias = None
-        if memory is not None:
-            cross_bias = padding_bias(memory_mask)
-            if cross_bias is None:
-                cross_bias = x.new_zeros(1, 1, 1, memory.shape[1], dtype=torch.float32)
+        # x: (B, T, C) embeddings; mask: (B, T) and memory_mask: (B, S) 1/0 padding masks
+        bias, self_mask, cross_mask = self.position_bias(x.shape[1]), padding_bias(mask), padding_bias(memory_mask)
         x = self.drop(x)
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, self_bias, memory, cross_bias, use_reentrant=False)
+                x = checkpoint(block, x, bias, self_mask, memory, cross_mask, use_reentrant=False)
             else:
-                x = block(x, self_bias, memory, cross_bias)
+                x = block(x, bias, self_mask, memory, cross_mask)
         return self.drop(self.final_norm(x))
 
 
@@ -422,9 +468,7 @@ class T5(nn.Module):
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         B = input_ids.shape[0]
         memory = self.encode(input_ids, attention_mask)  # (B, S, C)
-        cross_bias = padding_bias(attention_mask)
-        if cross_bias is None:
-            cross_bias = memory.new_zeros(1, 1, 1, memory.shape[1], dtype=torch.float32)
+        cross_mask = padding_bias(attention_mask)
         caches = [{"self": {}, "cross": {}} for _ in self.decoder.blocks]
         token = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -435,7 +479,7 @@ class T5(nn.Module):
             self_bias = dec.rel_bias(1, t + 1, q_offset=t)
             x = dec.drop(self.shared(token))
             for block, cache in zip(dec.blocks, caches):
-                x = block(x, self_bias, memory, cross_bias, cache=cache)
+                x = block(x, self_bias, None, memory, cross_mask, cache=cache)
             logits = self.lm_logits(dec.final_norm(x))[:, -1]  # (B, V)
             token = logits.argmax(-1, keepdim=True)
             token = token.masked_fill(done[:, None], cfg.pad_token_id)
