@@ -78,6 +78,9 @@ class DataConfig:
     mlm_probability: float = 0.15
     mean_noise_span_length: float = 3.0
     num_workers: int = 2
+    # logical readers (shards of the corpus) over all processes; 0: world_size * max(1, num_workers).
+    # Fix it to get the same batches, and exact resume, with any number of processes and workers.
+    num_readers: int = 0
     shuffle_buffer: int = 10_000
     on_error: str = "raise"  # raise | skip (count and log malformed records)
     # Super-Natural Instructions fine-tuning (mode ft)

@@ -146,14 +146,16 @@ class Data:
                           mean_noise_span_length=cfg.data.mean_noise_span_length,
                           text_column=cfg.data.text_column, on_error=cfg.data.on_error,
                           rank=env.rank, world_size=env.world_size)
+            readers = cfg.data.num_readers or None
             self.train = PretrainLoader(source=cfg.data.source, split="train", batch_size=micro_batch,
                                         seed=cfg.seed, num_workers=cfg.data.num_workers,
-                                        shuffle_buffer=cfg.data.shuffle_buffer, infinite=True, **common)
+                                        shuffle_buffer=cfg.data.shuffle_buffer, infinite=True,
+                                        num_readers=readers, **common)
             val_source = cfg.data.validation_source or cfg.data.source
             eval_bs = cfg.eval.batch_size or micro_batch
             self.eval_loader = lambda: PretrainLoader(
                 source=val_source, split="validation", batch_size=eval_bs, seed=cfg.seed, num_workers=0,
-                shuffle_buffer=1, infinite=False, max_batches=cfg.eval.steps, **common)
+                shuffle_buffer=1, infinite=False, max_batches=cfg.eval.steps, num_readers=readers, **common)
             self.steps_per_epoch = None
         else:
             from nanot5.data.sni import SNIBatches, load_sni
@@ -179,7 +181,7 @@ class Data:
 
     def load_resharded(self, states: list[dict[str, Any]]) -> None:
         """Resume from the data states of a run with a different number of processes."""
-        if not hasattr(self.train, "load_resharded_state"):
+        if not hasattr(self.train, "load_resharded_state"):  # SNI batches follow the global order already
             raise CheckpointError(f"this data pipeline cannot resume from a checkpoint written by {len(states)} "
                                   f"processes with {self.env.world_size}; resume with {len(states)}")
         self.train.load_resharded_state(states)
