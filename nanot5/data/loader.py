@@ -359,8 +359,8 @@ class PretrainLoader:
                 done.add(w)
             else:
                 pending.setdefault(meta["step"], {})[w] = (item, meta["states"])
-            while all(w in pending.get(step, ()) or w in done for w in range(nw)):
-                parts = [pending[step][w] for w in sorted(pending[step])] if step in pending else []
+            while all(v in pending.get(step, ()) or v in done for v in range(nw)):
+                parts = [pending[step][v] for v in sorted(pending[step])] if step in pending else []
                 if not parts:
                     return  # every worker is done
                 del pending[step]
