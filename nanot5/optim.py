@@ -306,7 +306,7 @@ class Adafactor(torch.optim.Optimizer):
             row.mul_(beta2t).add_(sq.mean(dim=-1).add_(eps1), alpha=1.0 - beta2t)
             col.mul_(beta2t).add_(sq.mean(dim=-2).add_(eps1), alpha=1.0 - beta2t)
             del sq
-            # u = g * r_i * c_j with r = rsqrt(row / mean(row)), c = rsqrt(col) (Shazeer & Stern, eq. 7)
+            # u = g * r_i * c_j, r = rsqrt(row / mean(row)), c = rsqrt(col) (Shazeer & Stern, sec. 3)
             r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()  # (..., R)
             gc = g * col.rsqrt().unsqueeze(-2)  # (..., R, C)
             # sum(u^2) = sum_i r_i^2 ||gc_i||^2, so rms(u) needs no u
