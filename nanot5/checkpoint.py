@@ -40,25 +40,27 @@ def step_dir(root: Path, step: int) -> Path:
 
 # ------------------------------------------------------------------ RNG
 def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states as plain Python/numpy objects, so they
+    pickle across ranks and save via `to_saveable`."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].copy()),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": np_state[1].copy(), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state().numpy(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.numpy() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((n["name"], np.asarray(n["keys"]), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(torch.as_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.as_tensor(s) for s in state["cuda"]])
 
 
 # ----------------------------------------------------------------- save

@@ -69,6 +69,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True if `flag` holds on at least one rank (just `flag` in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...] (just [obj] in one process)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -98,28 +107,41 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: s
     raise ValueError(f"distributed.strategy={strategy!r}: use ddp or fsdp")
 
 
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def full_state_dicts(model: torch.nn.Module, optimizer, strategy: str,
                      optimizer_too: bool = True) -> tuple[dict, dict | None]:
     """Unsharded model and optimizer state dicts (collective under FSDP: call on every rank)."""
     if strategy != "fsdp" or not (dist.is_available() and dist.is_initialized()):
         return model.state_dict(), optimizer.state_dict() if optimizer_too else None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer_too else None
-    return get_model_state_dict(model, options=opts), optim
+    model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not optimizer_too:
+        return model_state, None
+    optim_state = optimizer.state_dict()  # same parameter order on every rank: gather tensor by tensor
+    optim_state["state"] = {k: {n: _full(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in st.items()}
+                            for k, st in optim_state["state"].items()}
+    return model_state, optim_state
 
 
 def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict,
                           strategy: str) -> None:
+    """Load unsharded state dicts; under FSDP every rank keeps only its shards."""
     if strategy != "fsdp" or not (dist.is_available() and dist.is_initialized()):
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_model_state_dict(model, model_state, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for k, st in optim_state["state"].items():
+        p = params[int(k)]
+        for n, v in st.items():
+            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.shape:
+                st[n] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict(optim_state)

@@ -31,11 +31,23 @@ def heldout_metrics(model, batches: Iterable[dict[str, torch.Tensor]], *, amp=No
     nll = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
+    iterator, last = iter(batches), None
+    while True:
+        batch = next(iterator, None)
+        if not distributed.any_rank(batch is not None, device):
+            break  # every rank is done (ranks may hold different numbers of batches)
+        counted = batch is not None
+        if not counted:  # this rank is done but others are not: keep FSDP's collectives in step
+            batch = last
+            if batch is None:
+                raise ValueError("held-out evaluation: this rank got no batch at all (too little data per rank)")
+        last = batch
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         labels = batch["labels"]
         with amp or contextlib.nullcontext():
             logits = model(**batch).logits  # (B, T, V)
+        if not counted:
+            continue
         logits = logits.float()
         valid = labels != -100
         nll += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")

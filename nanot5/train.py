@@ -136,7 +136,9 @@ def device_peak_flops(device: torch.device, precision: str, configured_tflops: f
 class Data:
     """Training batches and evaluation for one mode; every piece exposes state_dict for resume."""
 
-    def __init__(self, cfg: Config, tokenizer, env: distributed.DistEnv, micro_batch: int):
+    def __init__(self, cfg: Config, tokenizer, env: distributed.DistEnv, micro_batch: int,
+                 num_readers: int | None = None):
+        """num_readers: the logical readers of the run being resumed (default: data.num_readers or auto)."""
         self.cfg, self.tokenizer, self.env, self.micro_batch = cfg, tokenizer, env, micro_batch
         if cfg.mode == "pt":
             from nanot5.data.loader import PretrainLoader
@@ -146,16 +148,18 @@ class Data:
                           mean_noise_span_length=cfg.data.mean_noise_span_length,
                           text_column=cfg.data.text_column, on_error=cfg.data.on_error,
                           rank=env.rank, world_size=env.world_size)
-            readers = cfg.data.num_readers or None
+            readers = num_readers or cfg.data.num_readers or None
             self.train = PretrainLoader(source=cfg.data.source, split="train", batch_size=micro_batch,
                                         seed=cfg.seed, num_workers=cfg.data.num_workers,
                                         shuffle_buffer=cfg.data.shuffle_buffer, infinite=True,
                                         num_readers=readers, **common)
             val_source = cfg.data.validation_source or cfg.data.source
-            eval_bs = cfg.eval.batch_size or micro_batch
+            # eval.batch_size is global, like optim.batch_size: every rank takes its share
+            eval_bs = cfg.eval.batch_size // env.world_size if cfg.eval.batch_size else micro_batch
             self.eval_loader = lambda: PretrainLoader(
                 source=val_source, split="validation", batch_size=eval_bs, seed=cfg.seed, num_workers=0,
-                shuffle_buffer=1, infinite=False, max_batches=cfg.eval.steps, num_readers=readers, **common)
+                shuffle_buffer=1, infinite=False, max_batches=cfg.eval.steps,
+                num_readers=cfg.data.num_readers or env.world_size, **common)
             self.steps_per_epoch = None
         else:
             from nanot5.data.sni import SNIBatches, load_sni
@@ -288,11 +292,23 @@ def train(cfg: Config) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, len(tokenizer)).to(device)
     strategy = cfg.distributed.strategy if env.enabled else "single"
+    if strategy == "fsdp" and cfg.optim.name != "adamw":
+        # AdamWScale's per-matrix RMS and Adafactor's row/column statistics need whole matrices;
+        # on FSDP shards they would need extra collectives, which are not written yet
+        raise ConfigError(f"distributed.strategy=fsdp supports optim.name=adamw only (got {cfg.optim.name}); "
+                          "use distributed.strategy=ddp for adamwscale/adafactor")
     train_model = distributed.wrap_model(model, strategy, env, cfg.precision) if env.enabled else model
     groups = param_groups(model, cfg.optim.weight_decay)
     optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.base_lr,
                                 weight_decay=cfg.optim.weight_decay)
-    data = Data(cfg, tokenizer, env, micro)
+    # a resumed stream keeps the reader layout it was saved with, whatever the process count now
+    saved_readers = None
+    if resume is not None and cfg.mode == "pt":
+        saved_readers = resume["trainer"]["ranks"][0]["data"]["config"]["num_readers"]
+    try:
+        data = Data(cfg, tokenizer, env, micro, num_readers=saved_readers)
+    except ValueError as e:  # layout (batch vs readers/workers) and data-file errors name the culprit
+        raise ConfigError(f"data: {e}") from e
     steps = total_steps(cfg, data)
     try:
         lr_at = lr_schedule(cfg.optim.lr_scheduler, base_lr=cfg.optim.base_lr,

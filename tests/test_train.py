@@ -31,7 +31,7 @@ def tiny_args(shared_data: Path, run_dir: Path, *extra: str) -> list[str]:
             f"tokenizer.name={shared_data / 't5-tokenizer'}",
             f"data.source={c4 / 'c4-train.sample.jsonl.gz'}",
             f"data.validation_source={c4 / 'c4-validation.sample.jsonl.gz'}",
-            "data.input_length=64", "data.shuffle_buffer=64", "optim.batch_size=4", "optim.warmup_steps=1",
+            "data.input_length=64", "data.shuffle_buffer=64", "data.num_workers=0", "optim.batch_size=4", "optim.warmup_steps=1",
             "eval.steps=2", "logging.every_steps=1", "logging.tensorboard=false", "precision=fp32",
             "checkpoint.keep=3", f"run.dir={run_dir}", *extra]
 
