@@ -1,8 +1,8 @@
 """Text sources: C4, any HF dataset, local jsonl/json/txt/parquet files, the offline demo corpus.
 
-A source yields documents (str) in a fixed order and splits them between *readers*. A reader is one
-DataLoader worker on one distributed rank: reader_id = rank * num_workers + worker_id, out of
-num_readers = world_size * num_workers. Every document goes to exactly one reader per epoch.
+A source yields documents (str) in a fixed order and splits them between *readers*: the loader's
+logical readers j = 0..R-1 (see loader.py), which it spreads over ranks and DataLoader workers.
+Every document goes to exactly one reader per epoch.
 
 Each yielded document comes with a small *position* (plain ints/dicts) such that
 `documents(..., start=position)` yields that same document first. The loader stores positions,
