@@ -60,6 +60,29 @@ def heldout_metrics(model, batches: Iterable[dict[str, torch.Tensor]], *, amp=No
     return {"loss": (nll / count).item(), "accuracy": (correct / count).item(), "tokens": int(count.item())}
 
 
+def unigram_entropy(source: str, tokenizer, *, split: str = "validation", max_docs: int = 2000,
+                    text_column: str = "text") -> float:
+    """Entropy (nats/token) of the corpus's token frequencies: the loss of a model that ignores context.
+
+    A pre-trained model's held-out loss should sit well below it.
+    """
+    import math
+    from collections import Counter
+
+    from nanot5.data.sources import open_source
+
+    docs = []
+    for _, text in open_source(source, split=split, text_column=text_column).documents():
+        docs.append(text)
+        if len(docs) == max_docs:
+            break
+    counts = Counter()
+    for ids in tokenizer.encode_batch(docs):
+        counts.update(ids + [tokenizer.eos_id])
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
 @torch.no_grad()
 def generate_texts(model, tokenizer, sources: list[str], *, batch_size: int, max_source_length: int,
                    max_new_tokens: int, device: torch.device | str = "cpu", amp=None,

@@ -490,6 +490,12 @@ def finish(cfg, model, tokenizer, data, run_dir, env, logger, step, steps, token
                "interrupted": interrupted}
     if last_eval:
         summary.update({"heldout_loss": last_eval["loss"], "heldout_accuracy": last_eval["accuracy"]})
+        source = cfg.data.validation_source or cfg.data.source
+        if env.is_main and source not in ("c4",) and not source.startswith("hf:"):  # local: cheap to read
+            from nanot5.evaluate import unigram_entropy
+
+            split = "train" if cfg.data.validation_source else "validation"
+            summary["unigram_entropy"] = round(unigram_entropy(source, tokenizer, split=split), 4)
     if cfg.mode == "ft" and not interrupted:
         from nanot5.evaluate import predict_sni
 
