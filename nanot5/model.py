@@ -287,7 +287,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         s = s if mask is None else s + mask
         p = F.dropout(torch.softmax(s, dim=-1), dropout, training=True)
         return torch.matmul(p.to(v.dtype), v)
-    return _Attention.apply(q, k, v, bias, mask)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+        return _Attention.apply(q, k, v, bias, mask)
+    return torch.matmul(_attention_probs(q, k, bias, mask), v)  # inference: no autograd state
 
 
 class Attention(nn.Module):
@@ -330,11 +332,13 @@ class Attention(nn.Module):
                 k, v = self.project_kv(memory)
         else:
             q, k, v = (self.heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-            if cache is not None:  # generation: append this step's keys and values
-                if "k" in cache:
-                    k = torch.cat([cache["k"], k], dim=2)
-                    v = torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
+            if cache is not None:  # generation: write this step's keys and values into the cache
+                if "k" not in cache:  # preallocated for all steps: no reallocation per token
+                    shape = (k.shape[0], k.shape[1], cache["max_len"], k.shape[3])
+                    cache["k"], cache["v"], cache["len"] = k.new_empty(shape), v.new_empty(shape), 0
+                t0, t1 = cache["len"], cache["len"] + k.shape[2]
+                cache["k"][:, :, t0:t1], cache["v"][:, :, t0:t1], cache["len"] = k, v, t1
+                k, v = cache["k"][:, :, :t1], cache["v"][:, :, :t1]  # (B, H, t1, D) views
         drop = self.dropout if self.training else 0.0
         y = attention(q, k, v, bias, mask, drop)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).flatten(2))
@@ -523,25 +527,24 @@ class T5(nn.Module):
         B = input_ids.shape[0]
         memory = self.encode(input_ids, attention_mask)  # (B, S, C)
         cross_mask = padding_bias(attention_mask)
-        caches = [{"self": {}, "cross": {}} for _ in self.decoder.blocks]
+        caches = [{"self": {"max_len": max_new_tokens}, "cross": {}} for _ in self.decoder.blocks]
+        out = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=input_ids.device)
         token = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        out = []
+        done = torch.zeros(B, 1, dtype=torch.bool, device=input_ids.device)
         dec = self.decoder
+        # position bias of every (query, key) pair, computed once; step t uses row t, keys 0..t
+        bias = dec.rel_bias(max_new_tokens, max_new_tokens)  # (1, H, L, L)
         for t in range(max_new_tokens):
-            # the newest query attends to all t+1 cached positions: bias row (1, H, 1, t+1)
-            self_bias = dec.rel_bias(1, t + 1, q_offset=t)
-            x = dec.drop(self.shared(token))
+            x = dec.drop(self.shared(token))  # (B, 1, C)
             for block, cache in zip(dec.blocks, caches):
-                x = block(x, self_bias, None, memory, cross_mask, cache=cache)
+                x = block(x, bias[:, :, t:t + 1, :t + 1], None, memory, cross_mask, cache=cache)
             logits = self.lm_logits(dec.final_norm(x))[:, -1]  # (B, V)
-            token = logits.argmax(-1, keepdim=True)
-            token = token.masked_fill(done[:, None], cfg.pad_token_id)
-            out.append(token)
-            done |= token[:, 0] == eos
+            token = logits.argmax(-1, keepdim=True).masked_fill_(done, cfg.pad_token_id)  # (B, 1)
+            out[:, t:t + 1] = token
+            done |= token == eos
             if bool(done.all()):
-                break
-        return torch.cat(out, dim=1)
+                return out[:, :t + 1]
+        return out
 
     # ---------------------------------------------------------------- utils
     def num_parameters(self) -> int:
