@@ -325,8 +325,8 @@ class Attention(nn.Module):
         if self.cross:
             q = self.heads(self.q(x))
             if cache is not None:  # generation: encoder k, v computed once
-                if "k" not in cache:
-                    cache["k"], cache["v"] = self.project_kv(memory)
+                if "k" not in cache:  # contiguous, or every step's matmuls would copy them
+                    cache["k"], cache["v"] = (t.contiguous() for t in self.project_kv(memory))
                 k, v = cache["k"], cache["v"]
             else:
                 k, v = self.project_kv(memory)
