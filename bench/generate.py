@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny model and shapes: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -58,12 +59,15 @@ def build(cfg: T5Config):
 def main(argv=None) -> None:
     args = parse_args(argv)
     settings = tune_cpu_runtime()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     cfg = (T5Config.from_name("t5-v1_1-tiny", vocab_size=512) if args.quick
            else T5Config.from_name("t5-v1_1-small"))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, malloc tuning {'on' if settings['malloc'] else 'off'}")
+          f"{torch.get_num_threads()} threads, malloc tuning {'on' if settings['malloc'] else 'off'}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print(f"t5-v1_1 d_model={cfg.d_model} layers={cfg.num_layers}+{cfg.num_decoder_layers}; batch "
           f"{args.batch} x {args.input_len} input tokens, {args.new_tokens} new tokens; "
           f"{args.rounds} rounds, medians")
@@ -105,7 +109,9 @@ def main(argv=None) -> None:
         print(f"{'model':<6} {'s/call':>7} {'min..max':>13} {'new tokens/s':>12}")
         for name, sec in med.items():
             print(f"{name:<6} {sec:>7.3f} {min(times[name]):>6.3f}..{max(times[name]):<6.3f} {tok / sec:>12.1f}")
-        print(f"ours / hf: {med['hf'] / med['ours']:.2f}x")
+        print(f"ours / hf: {med['hf'] / med['ours']:.2f}x (medians), "
+              f"{min(times['hf']) / min(times['ours']):.2f}x (fastest runs); "
+              f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

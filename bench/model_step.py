@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS),
                    help="comma-separated subset of ours,hf_sdpa,hf_eager (one HF model at least)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-model peak-RSS subprocesses")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="leave glibc malloc at its defaults (for all models)")
     p.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)  # memory-measurement worker
@@ -164,6 +165,7 @@ def child_memory(args) -> None:
 
 def measure_memory(args, name: str, dtype: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--dtype", dtype,
+           "--threads", str(torch.get_num_threads()),
            "--batch", str(args.batch), "--input-len", str(args.input_len),
            "--target-len", str(args.target_len)] + (["--quick"] if args.quick else [])
     env = dict(os.environ)
@@ -181,6 +183,8 @@ def main(argv=None) -> None:
     if args.no_malloc_tuning:
         os.environ["NANOT5_NO_MALLOC_TUNING"] = "1"
     settings = tune_cpu_runtime()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child_memory(args)
         return
@@ -190,7 +194,7 @@ def main(argv=None) -> None:
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"malloc tuning {'on' if settings['malloc'] else 'off'}")
+          f"malloc tuning {'on' if settings['malloc'] else 'off'}, load average {os.getloadavg()[0]:.2f}")
     print(f"model d_model={cfg.d_model} d_ff={cfg.d_ff} layers={cfg.num_layers}+{cfg.num_decoder_layers} "
           f"heads={cfg.num_heads} vocab={cfg.vocab_size}; batch {args.batch} x ({args.input_len} + "
           f"{args.target_len}) tokens; {args.rounds} rounds x {args.steps} steps, medians")
@@ -229,6 +233,8 @@ def main(argv=None) -> None:
             for name in models:
                 results[dtype, name].update(measure_memory(args, name, dtype))
         report(results, dtype, list(models))
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f} (other work on this machine inflates "
+          "the times; the ratios come from alternating runs)")
 
 
 def report(results: dict, dtype: str, names: list[str]) -> None:
@@ -236,14 +242,15 @@ def report(results: dict, dtype: str, names: list[str]) -> None:
     peer = max([n for n in names if n.startswith("hf")], key=lambda n: results[dtype, n]["tok_s"])
     print(f"\n{dtype}: measured matmul peak {peak:.0f} GFLOP/s; peer = {peer}")
     print(f"{'model':<9} {'s/step':>7} {'min..max':>13} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} "
-          f"{'peak RSS':>9} {'step RSS':>9} {'vs peer':>8}")
+          f"{'peak RSS':>9} {'step RSS':>9} {'vs peer':>8} {'(min)':>6}")
     for name in names:
         r = results[dtype, name]
         mem = (f"{r['peak_mib']:>6.0f}MiB {r['peak_mib'] - r['built_mib']:>6.0f}MiB"
                if "peak_mib" in r else f"{'-':>9} {'-':>9}")
         print(f"{name:<9} {r['sec']:>7.3f} {r['spread'][0]:>6.3f}..{r['spread'][1]:<6.3f} "
               f"{r['tok_s']:>9.0f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} {mem} "
-              f"{r['tok_s'] / results[dtype, peer]['tok_s']:>7.2f}x", flush=True)
+              f"{r['tok_s'] / results[dtype, peer]['tok_s']:>7.2f}x "
+              f"{results[dtype, peer]['spread'][0] / r['spread'][0]:>5.2f}x", flush=True)
 
 
 if __name__ == "__main__":
