@@ -67,8 +67,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> None:
-    """loss.png: training loss and held-out loss against step."""
+def plot_losses(metrics_path: Path, out_path: Path, title: str = "", baseline: float | None = None) -> None:
+    """loss.png: training loss and held-out loss against step; `baseline` (e.g. the corpus's unigram
+    entropy, the loss of a model that ignores its input) as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,6 +83,8 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> None:
         ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.8)
     if held:
         ax.plot(*zip(*held), "o-", label="held-out loss", color="tab:orange")
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", color="gray", label=f"unigram entropy {baseline:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / target token)")
     ax.set_title(title or "nanot5 pre-training")

@@ -513,8 +513,10 @@ def finish(cfg, model, tokenizer, data, run_dir, env, logger, step, steps, token
         final = run_dir / "final"
         model.save_hf(final)
         tokenizer.save(final)
+        n_params = sum(p.numel() for p in model.parameters())
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png",
-                    title=f"nanot5 {cfg.preset or cfg.mode}: {cfg.model.name}")
+                    title=f"nanot5 {cfg.preset or cfg.mode}: {cfg.model.name} config, {n_params / 1e6:.1f}M parameters",
+                    baseline=summary.get("unigram_entropy"))
     if env.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"[nanot5] {'interrupted' if interrupted else 'done'}: {json.dumps(summary)}")
