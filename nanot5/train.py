@@ -513,9 +513,9 @@ def finish(cfg, model, tokenizer, data, run_dir, env, logger, step, steps, token
         final = run_dir / "final"
         model.save_hf(final)
         tokenizer.save(final)
-        n_params = sum(p.numel() for p in model.parameters())
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png",
-                    title=f"nanot5 {cfg.preset or cfg.mode}: {cfg.model.name} config, {n_params / 1e6:.1f}M parameters",
+                    title=f"nanot5 {cfg.preset or cfg.mode}: {cfg.model.name} config, "
+                          f"{model.num_parameters() / 1e6:.1f}M parameters",
                     baseline=summary.get("unigram_entropy"))
     if env.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
