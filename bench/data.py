@@ -141,7 +141,7 @@ def bench_span_corruption(batch: int = 128, input_length: int = 512, noise_densi
 # ----------------------------------------------------------------------------------------------
 # (b) end-to-end read + tokenize + pack + corrupt on one core, raw tokens/s on the C4 sample
 
-C4_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "c4",
+C4_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "c4",
                          "c4-train.sample.jsonl.gz")
 T5_TOKENIZER = os.path.join(os.path.dirname(C4_SAMPLE), "..", "t5-tokenizer")
 

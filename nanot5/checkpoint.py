@@ -26,12 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanot5.errors import CheckpointError
+
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupt or incompatible."""
 
 
 def step_dir(root: Path, step: int) -> Path:

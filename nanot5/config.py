@@ -19,16 +19,14 @@ from typing import Any
 
 import yaml
 
+from nanot5.errors import ConfigError
+
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 OPTIMIZERS = ("adamwscale", "adafactor", "adamw")
 SCHEDULERS = ("cosine", "legacy", "constant", "linear")
 PRECISIONS = ("fp32", "bf16", "tf32", "fp16")
 MODES = ("pt", "ft")
-
-
-class ConfigError(ValueError):
-    """A bad key or value in a config file or on the command line."""
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -550,6 +550,18 @@ class T5(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def fused_row_blocks(self) -> dict[str, int]:
+        """Parameter name -> how many equal row blocks (separate T5 matrices) it fuses along dim 0:
+        3 for self-attention q/k/v, 2 for cross-attention k/v and the gated FFN's wi_0/wi_1.
+        Optimizers that treat every T5 matrix on its own (AdamWScale's RMS, Adafactor) read this."""
+        out = {}
+        for name, module in self.named_modules():
+            if isinstance(module, Attention):
+                out[f"{name}.{'kv' if module.cross else 'qkv'}.weight"] = 2 if module.cross else 3
+            elif isinstance(module, FeedForward) and module.gated:
+                out[f"{name}.wi.weight"] = 2
+        return out
+
     @classmethod
     def from_hf(cls, path_or_name: str | Path, **kwargs) -> "T5":
         """Load an HF `T5ForConditionalGeneration` directory (or hub name, when online)."""

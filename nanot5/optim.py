@@ -14,7 +14,7 @@ No `step` here synchronises with the host: per-matrix factors stay on the device
 tensors. (nanoT5's `max(1e-3, rms(p))` reads each RMS back: one device sync per parameter.)
 
 Logical matrices. Our T5 stores q/k/v, k/v and wi_0/wi_1 as one fused matrix each (row blocks
-concatenated along dim 0, see `nanot5.hf.name_table`). nanoT5 and Adafactor treat every HF matrix
+concatenated along dim 0, see `T5.fused_row_blocks`). nanoT5 and Adafactor treat every HF matrix
 on its own (its own RMS, its own factored statistics), so a param group may carry
 `row_blocks`: one int per parameter, the number of equal row blocks it holds. `param_groups`
 fills it in; each block is then optimised exactly as a separate matrix would be.
@@ -362,17 +362,14 @@ def _no_decay_types() -> tuple[type, ...]:
 
 
 def _row_blocks(model: nn.Module) -> dict[int, int]:
-    """id(param) -> number of HF matrices fused in it, from the HF name-mapping table."""
-    from nanot5.hf import name_table
-    from nanot5.model import T5
-
+    """id(param) -> number of T5 matrices fused in it, as every module that has them reports
+    (`fused_row_blocks()`, e.g. `T5`); 1 for everything else."""
     blocks = {}
     for module in model.modules():
-        if isinstance(module, T5):
+        if hasattr(module, "fused_row_blocks"):
             named = dict(module.named_parameters())
-            for ours, hf_names in name_table(module.config):
-                if len(hf_names) > 1:
-                    blocks[id(named[ours])] = len(hf_names)
+            for name, n in module.fused_row_blocks().items():
+                blocks[id(named[name])] = n
     return blocks
 
 

@@ -27,8 +27,8 @@ def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.Co
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run(nproc: int, shared_data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = tiny_args(shared_data, run_dir, "optim.batch_size=8", "data.num_readers=2", "data.num_workers=0",
+def run(nproc: int, test_data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = tiny_args(test_data, run_dir, "optim.batch_size=8", "data.num_readers=2", "data.num_workers=0",
                      "eval.every_steps=1000", *extra)
     res = torchrun(nproc, args) if nproc > 1 else subprocess.run(
         [sys.executable, "-m", "nanot5", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -48,22 +48,22 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: fl
 
 
 @pytest.mark.parametrize("strategy,grad_acc", [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)])
-def test_two_processes_equal_one(shared_data, tmp_path, strategy, grad_acc):
+def test_two_processes_equal_one(test_data, tmp_path, strategy, grad_acc):
     # FSDP runs torch's AdamW (AdamWScale/Adafactor need whole matrices: DDP only for now)
     common = ["optim.total_steps=3", "checkpoint.every_steps=1000", f"optim.grad_acc={grad_acc}",
               f"optim.name={'adamwscale' if strategy == 'ddp' else 'adamw'}", "optim.base_lr=1e-3"]
-    run(1, shared_data, tmp_path / "one", *common)
-    run(2, shared_data, tmp_path / "two", *common, f"distributed.strategy={strategy}")
+    run(1, test_data, tmp_path / "one", *common)
+    run(2, test_data, tmp_path / "two", *common, f"distributed.strategy={strategy}")
     assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
     one = [e["loss"] for e in read_metrics(tmp_path / "one" / "metrics.jsonl") if e["kind"] == "train"]
     two = [e["loss"] for e in read_metrics(tmp_path / "two" / "metrics.jsonl") if e["kind"] == "train"]
     assert two == pytest.approx(one, rel=1e-5)
 
 
-def test_ddp_resume_with_two_and_with_one_process(shared_data, tmp_path):
+def test_ddp_resume_with_two_and_with_one_process(test_data, tmp_path):
     common = ["optim.total_steps=6", "checkpoint.every_steps=3", "distributed.strategy=ddp"]
     ref = tmp_path / "ref"
-    run(2, shared_data, ref, *common)
+    run(2, test_data, ref, *common)
     # only rank 0 wrote: one line per step, one set of outputs
     steps = [e["step"] for e in read_metrics(ref / "metrics.jsonl") if e["kind"] == "train"]
     assert steps == sorted(set(steps)) == list(range(1, 7))
@@ -73,7 +73,7 @@ def test_ddp_resume_with_two_and_with_one_process(shared_data, tmp_path):
         shutil.copytree(ref, again)
         shutil.rmtree(again / "checkpoints" / "step_0000006")
         shutil.rmtree(again / "final")
-        res = run(nproc, shared_data, again, *common, "resume=auto")
+        res = run(nproc, test_data, again, *common, "resume=auto")
         assert "resumed from" in res.stdout and "step_0000003" in res.stdout
         got = [(e["step"], e["loss"]) for e in read_metrics(again / "metrics.jsonl") if e["kind"] == "train"]
         want = [(e["step"], e["loss"]) for e in read_metrics(ref / "metrics.jsonl") if e["kind"] == "train"]
@@ -86,9 +86,9 @@ def test_ddp_resume_with_two_and_with_one_process(shared_data, tmp_path):
             assert_close(weights(again), weights(ref), tol=1e-4)
 
 
-def test_a_dead_rank_ends_the_job_quickly(shared_data, tmp_path):
+def test_a_dead_rank_ends_the_job_quickly(test_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = tiny_args(shared_data, tmp_path / "run", "optim.batch_size=8", "data.num_workers=0",
+    args = tiny_args(test_data, tmp_path / "run", "optim.batch_size=8", "data.num_workers=0",
                      "optim.total_steps=100000", "eval.every_steps=100000", "checkpoint.every_steps=100000")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "nanot5", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -37,12 +37,12 @@ def seen_task_split(sni: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_finetune_improves_rouge_on_sni_test_tasks(shared_data, tmp_path):
+def test_finetune_improves_rouge_on_sni_test_tasks(test_data, tmp_path):
     torch.manual_seed(0)
     start = tmp_path / "random-tiny"
     T5(T5Config.from_name("t5-v1_1-tiny", d_model=128, d_ff=256, num_heads=4, d_kv=32)).save_hf(start)
-    load_tokenizer(shared_data / "t5-tokenizer").save(start)
-    sni = [f"data.sni_dir={seen_task_split(shared_data / 'sni', tmp_path / 'sni')}", *SMALL]
+    load_tokenizer(test_data / "t5-tokenizer").save(start)
+    sni = [f"data.sni_dir={seen_task_split(test_data / 'sni', tmp_path / 'sni')}", *SMALL]
 
     before = run_cli(["predict", f"model={start}", f"out={tmp_path / 'before'}", *sni])
     assert before.returncode == 0, before.stderr

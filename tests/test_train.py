@@ -25,10 +25,10 @@ from nanot5.train import accumulate_gradients
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_args(shared_data: Path, run_dir: Path, *extra: str) -> list[str]:
-    c4 = shared_data / "c4"
+def tiny_args(test_data: Path, run_dir: Path, *extra: str) -> list[str]:
+    c4 = test_data / "c4"
     return ["pretrain", "preset=nanot5-base", "model.name=t5-v1_1-tiny", "model.compile=false",
-            f"tokenizer.name={shared_data / 't5-tokenizer'}",
+            f"tokenizer.name={test_data / 't5-tokenizer'}",
             f"data.source={c4 / 'c4-train.sample.jsonl.gz'}",
             f"data.validation_source={c4 / 'c4-validation.sample.jsonl.gz'}",
             "data.input_length=64", "data.shuffle_buffer=64", "data.num_workers=0", "optim.batch_size=4", "optim.warmup_steps=1",
@@ -64,19 +64,19 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_then_resume_auto_is_bitwise_identical(shared_data, tmp_path, workers):
+def test_sigkill_then_resume_auto_is_bitwise_identical(test_data, tmp_path, workers):
     common = ["optim.total_steps=40", "checkpoint.every_steps=3", "eval.every_steps=6",
               f"data.num_workers={workers}"]
-    ref = run_cli(tiny_args(shared_data, tmp_path / "ref", *common))
+    ref = run_cli(tiny_args(test_data, tmp_path / "ref", *common))
     assert ref.returncode == 0, ref.stderr + ref.stdout
 
     run = tmp_path / "killed"
-    proc = start_cli(tiny_args(shared_data, run, *common))
+    proc = start_cli(tiny_args(test_data, run, *common))
     wait_for(lambda: (run / "checkpoints" / "step_0000006" / "meta.json").is_file(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "final").exists()  # it really died before the end
-    resumed = run_cli(tiny_args(shared_data, run, *common, "resume=auto"))
+    resumed = run_cli(tiny_args(test_data, run, *common, "resume=auto"))
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     assert "resumed from" in resumed.stdout
 
@@ -104,9 +104,9 @@ checkpoint.save_checkpoint(Path(sys.argv[2]), ck["step"] + 100, model_state=ck["
 """
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(shared_data, tmp_path):
+def test_sigkill_during_save_keeps_previous_checkpoint(test_data, tmp_path):
     run = tmp_path / "run"
-    first = run_cli(tiny_args(shared_data, run, "optim.total_steps=3", "checkpoint.every_steps=3",
+    first = run_cli(tiny_args(test_data, run, "optim.total_steps=3", "checkpoint.every_steps=3",
                               "eval.every_steps=100"))
     assert first.returncode == 0, first.stderr
     root = run / "checkpoints"
@@ -118,23 +118,23 @@ def test_sigkill_during_save_keeps_previous_checkpoint(shared_data, tmp_path):
     assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # the torn write is left aside
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert load_latest(root)["step"] == 3
-    more = run_cli(tiny_args(shared_data, run, "optim.total_steps=5", "checkpoint.every_steps=3",
+    more = run_cli(tiny_args(test_data, run, "optim.total_steps=5", "checkpoint.every_steps=3",
                              "eval.every_steps=100", "resume=auto"))
     assert more.returncode == 0, more.stderr + more.stdout
     assert f"resumed from {good}" in more.stdout
 
 
-def test_corrupt_checkpoint_is_skipped_by_auto_refused_by_path_and_never_overwritten(shared_data, tmp_path):
+def test_corrupt_checkpoint_is_skipped_by_auto_refused_by_path_and_never_overwritten(test_data, tmp_path):
     run = tmp_path / "run"
-    assert run_cli(tiny_args(shared_data, run, "optim.total_steps=4", "checkpoint.every_steps=2",
+    assert run_cli(tiny_args(test_data, run, "optim.total_steps=4", "checkpoint.every_steps=2",
                              "eval.every_steps=100")).returncode == 0
     newest = run / "checkpoints" / "step_0000004"
     (newest / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="model.safetensors: corrupt"):
         load_checkpoint(newest)
-    bad = run_cli(tiny_args(shared_data, run, "optim.total_steps=6", f"resume={newest}"))
+    bad = run_cli(tiny_args(test_data, run, "optim.total_steps=6", f"resume={newest}"))
     assert bad.returncode != 0 and "corrupt" in bad.stderr
-    ok = run_cli(tiny_args(shared_data, run, "optim.total_steps=6", "checkpoint.every_steps=2",
+    ok = run_cli(tiny_args(test_data, run, "optim.total_steps=6", "checkpoint.every_steps=2",
                            "eval.every_steps=100", "resume=auto"))
     assert ok.returncode == 0, ok.stderr + ok.stdout
     assert "skipping unusable checkpoint" in ok.stdout and "step_0000002" in ok.stdout
@@ -142,11 +142,11 @@ def test_corrupt_checkpoint_is_skipped_by_auto_refused_by_path_and_never_overwri
     assert len(kept) == 1 and (kept[0] / "model.safetensors").read_bytes() == b"garbage"
 
 
-def test_incompatible_checkpoint_is_refused(shared_data, tmp_path):
+def test_incompatible_checkpoint_is_refused(test_data, tmp_path):
     run = tmp_path / "run"
-    assert run_cli(tiny_args(shared_data, run, "optim.total_steps=2", "checkpoint.every_steps=2",
+    assert run_cli(tiny_args(test_data, run, "optim.total_steps=2", "checkpoint.every_steps=2",
                              "eval.every_steps=100")).returncode == 0
-    res = run_cli(tiny_args(shared_data, run, "optim.total_steps=4", "resume=auto", "optim.name=adafactor"))
+    res = run_cli(tiny_args(test_data, run, "optim.total_steps=4", "resume=auto", "optim.name=adafactor"))
     assert res.returncode != 0 and "incompatible" in res.stderr and "optim.name" in res.stderr
 
 
@@ -173,9 +173,9 @@ def test_grad_accumulation_equals_one_big_batch():
         assert ((p - q).norm() / p.norm()).item() <= 1e-5, name
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shared_data, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(test_data, tmp_path):
     run = tmp_path / "run"
-    proc = start_cli(tiny_args(shared_data, run, "optim.total_steps=100000", "eval.every_steps=100000"))
+    proc = start_cli(tiny_args(test_data, run, "optim.total_steps=100000", "eval.every_steps=100000"))
     wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -185,14 +185,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shared_data, tmp_path):
     assert load_latest(run / "checkpoints")["step"] == summary["steps"]
 
 
-def test_nonfinite_loss_stops_or_skips(shared_data, tmp_path):
+def test_nonfinite_loss_stops_or_skips(test_data, tmp_path):
     # AdamW at lr 1e30 blows the weights up within a couple of steps
     blow_up = ["optim.name=adamw", "optim.base_lr=1e30", "optim.lr_scheduler=constant", "optim.grad_clip=0",
                "optim.total_steps=6", "checkpoint.every_steps=1", "eval.every_steps=100"]
-    stop = run_cli(tiny_args(shared_data, tmp_path / "stop", *blow_up))
+    stop = run_cli(tiny_args(test_data, tmp_path / "stop", *blow_up))
     assert stop.returncode == 2 and "non-finite loss" in stop.stderr
     assert load_latest(tmp_path / "stop" / "checkpoints") is not None  # earlier good checkpoint kept
-    skip = run_cli(tiny_args(shared_data, tmp_path / "skip", *blow_up, "optim.skip_nonfinite=true"))
+    skip = run_cli(tiny_args(test_data, tmp_path / "skip", *blow_up, "optim.skip_nonfinite=true"))
     assert skip.returncode == 0, skip.stderr
     assert any(e.get("skipped_steps") for e in read_metrics(tmp_path / "skip" / "metrics.jsonl"))
 
@@ -204,9 +204,9 @@ def test_config_errors_from_the_cli():
     assert res.returncode == 2 and "not divisible" in res.stderr
 
 
-def test_run_directory_layout_and_hf_export(shared_data, tmp_path):
+def test_run_directory_layout_and_hf_export(test_data, tmp_path):
     run = tmp_path / "run"
-    res = run_cli(tiny_args(shared_data, run, "optim.total_steps=4", "checkpoint.every_steps=2",
+    res = run_cli(tiny_args(test_data, run, "optim.total_steps=4", "checkpoint.every_steps=2",
                             "eval.every_steps=2", "logging.tensorboard=true"))
     assert res.returncode == 0, res.stderr
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "final/config.json",
@@ -226,7 +226,7 @@ def test_run_directory_layout_and_hf_export(shared_data, tmp_path):
     assert exported.returncode == 0, exported.stderr
     assert torch.equal(load_file(tmp_path / "x" / "model.safetensors")["lm_head.weight"],
                        load_file(run / "final" / "model.safetensors")["lm_head.weight"])
-    ev = run_cli(["evaluate", f"model={run}", f"data.validation_source={shared_data / 'c4' / 'c4-validation.sample.jsonl.gz'}",
+    ev = run_cli(["evaluate", f"model={run}", f"data.validation_source={test_data / 'c4' / 'c4-validation.sample.jsonl.gz'}",
                   "eval.steps=2", "optim.batch_size=4", "data.input_length=64", f"out={tmp_path / 'ev.json'}"])
     assert ev.returncode == 0, ev.stderr
     held = json.loads((tmp_path / "ev.json").read_text())
@@ -235,10 +235,10 @@ def test_run_directory_layout_and_hf_export(shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_learning_works_on_c4(shared_data, tmp_path):
+def test_learning_works_on_c4(test_data, tmp_path):
     """A tiny T5 on the C4 sample with the real tokenizer: held-out loss falls >= 30% within minutes."""
     run = tmp_path / "run"
-    res = run_cli(tiny_args(shared_data, run, "optim.total_steps=300", "optim.batch_size=16",
+    res = run_cli(tiny_args(test_data, run, "optim.total_steps=300", "optim.batch_size=16",
                             "optim.warmup_steps=30", "eval.every_steps=300", "eval.steps=8",
                             "logging.every_steps=50", "precision=bf16", "checkpoint.every_steps=300",
                             "data.input_length=128", "data.shuffle_buffer=1000"))

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nanot5.errors import DataError
+
 log = logging.getLogger("nanot5.data")
 
 FORMATS = (".jsonl", ".json", ".txt", ".parquet")
@@ -38,10 +40,6 @@ SPLIT_ALIASES = {
     "test": ("test", "testing"),
 }
 HUB_SOURCES = {"c4": ("allenai/c4", "en")}
-
-
-class DataError(ValueError):
-    """Bad input data or a bad source spec; the message names the file and line (or record)."""
 
 
 def cache_root() -> Path:
