@@ -124,7 +124,7 @@ def predict_sni(model, tokenizer, cfg: Config, *, out_dir: Path | None, device, 
                 print_table: bool = True) -> dict[str, float]:
     """Generate for the SNI test tasks; write predictions.jsonl and metrics.json; return the metrics."""
     from nanot5.data.sni import load_sni
-    from nanot5.sni import evaluate_sni
+    from nanot5.metrics import evaluate_sni
     from nanot5.train import sni_collator
 
     records = load_sni(cfg.data.sni_dir, "test", split=cfg.data.sni_split,

@@ -1,142 +1,158 @@
-"""Where numbers go: metrics.jsonl (one JSON object per event), TensorBoard, W&B, the terminal, loss.png."""
+"""Generation metrics: the official Super-Natural Instructions metric (exact match and ROUGE-L).
+
+Reproduces `eval/automatic/evaluation.py` of allenai/natural-instructions (commit 8540acd3; Tk-Instruct's
+`src/compute_metrics.py` has the same logic) for the default (English) track:
+
+- exact match: `normalize_answer(pred) == normalize_answer(ref)`, where normalize_answer lower-cases, deletes
+  every character of `string.punctuation` and collapses whitespace (articles are kept, unlike SQuAD);
+- ROUGE-L: the F-measure of Google's `rouge_score` `RougeScorer(['rougeL'], use_stemmer=True)` with its default
+  tokenizer (we call the package, we do not re-implement ROUGE);
+- each instance scores the maximum over its references;
+- a metric is 100 x the mean over instances, rounded to 4 decimals; the overall score pools all instances
+  (a micro-average, not a mean of task means); per-task and per-category scores use the same formula.
+
+The official script does not strip predictions; Tk-Instruct strips them (`pred.strip()`) before scoring. Both give
+the same numbers: normalize_answer collapses whitespace and the rouge_score tokenizer splits on it, so leading and
+trailing whitespace never changes either metric. We follow the official script and leave predictions as given.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import sys
-import time
-from pathlib import Path
-from typing import Any
+import string
+from collections.abc import Sequence
+
+_PUNCTUATION = frozenset(string.punctuation)
+_SCORER = None  # one RougeScorer for the whole process: building one loads the stemmer
 
 
-class MetricsLogger:
-    """Rank-0 sink for training events. Every event is a dict with at least `step` and `kind`."""
+def _rouge_scorer():
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False,
-                 wandb_project: str = "nanot5", config: dict | None = None, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None:
-            self.truncate_after(resume_step)
-        self.file = self.path.open("a")
-        self.tb = self.wandb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                print("[nanot5] tensorboard is not installed; skipping TensorBoard events "
-                      "(pip install tensorboard, or logging.tensorboard=false)")
-        if wandb:
-            import wandb as wb  # an explicit request: fail loudly if missing
-
-            self.wandb = wb.init(project=wandb_project, dir=str(run_dir), config=config,
-                                 name=run_dir.name, resume="allow")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop events logged after `step` (they are about to be produced again by a resumed run)."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, event: dict[str, Any]) -> None:
-        event = {"time": round(time.time(), 3), **event}
-        self.file.write(json.dumps(event) + "\n")
-        self.file.flush()
-        kind, step = event.get("kind", "train"), event["step"]
-        numbers = {k: v for k, v in event.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
-        if self.tb is not None:
-            for k, v in numbers.items():
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
-        if self.wandb is not None:
-            self.wandb.log({f"{kind}/{k}": v for k, v in numbers.items()}, step=step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _SCORER
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def normalize_answer(s: str) -> str:
+    """Lower-case, drop ASCII punctuation, collapse whitespace (SQuAD v1.1 normalisation minus article removal)."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    return " ".join(s.split())
 
 
-def plot_losses(metrics_path: Path, out_path: Path, title: str = "", baseline: float | None = None) -> None:
-    """loss.png: training loss and held-out loss against step; `baseline` (e.g. the corpus's unigram
-    entropy, the loss of a model that ignores its input) as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    events = read_metrics(metrics_path)
-    train = [(e["step"], e["loss"]) for e in events if e.get("kind") == "train" and math.isfinite(e["loss"])]
-    held = [(e["step"], e["loss"]) for e in events if e.get("kind") == "eval" and "loss" in e]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.8)
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss", color="tab:orange")
-    if baseline is not None:
-        ax.axhline(baseline, ls="--", color="gray", label=f"unigram entropy {baseline:.2f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / target token)")
-    ax.set_title(title or "nanot5 pre-training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
+def exact_match(prediction: str, reference: str) -> bool:
+    """True when prediction and reference are equal after `normalize_answer`."""
+    return normalize_answer(prediction) == normalize_answer(reference)
 
 
-class Progress:
-    """A tqdm bar on a terminal, plain lines otherwise (CI logs, files)."""
-
-    def __init__(self, total: int, initial: int, mode: str = "auto", enabled: bool = True):
-        self.bar = None
-        self.enabled = enabled
-        use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        if enabled and use_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, info: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: info[k] for k in ("loss", "lr", "tok/s") if k in info}, refresh=True)
-        else:
-            print(" | ".join(f"{k} {v}" for k, v in {"step": step, **info}.items()), flush=True)
-
-    def write(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure in [0, 1] from rouge_score (English tokenizer, Porter stemmer)."""
+    return _rouge_scorer().score(target=reference, prediction=prediction)["rougeL"].fmeasure
 
 
-def measure_matmul_peak(dtype, n: int = 2048, seconds: float = 0.5) -> float:
-    """Achieved FLOP/s of large square CPU matmuls in `dtype`: the denominator of MFU on a CPU."""
-    import torch
+def _check(predictions: Sequence[str | None], references: Sequence[Sequence[str]]) -> list[str]:
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions for {len(references)} reference lists")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not isinstance(refs, Sequence):
+            raise ValueError(f"references[{i}] must be a list of strings, got {type(refs).__name__}")
+        if len(refs) == 0:
+            raise ValueError(f"references[{i}] is empty: every instance needs at least one reference")
+    # the official script scores a missing prediction as the empty string
+    return ["" if p is None else p for p in predictions]
 
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)  # warm-up (kernel selection, page faults)
-    runs, start = 0, time.perf_counter()
-    while runs < 2 or time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        runs += 1
-    return 2 * n ** 3 * runs / (time.perf_counter() - start)
+
+def compute_metrics(predictions: Sequence[str | None], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Official SNI metrics over all instances.
+
+    Args:
+        predictions: one string per instance; None (a missing prediction) counts as "".
+        references: for each instance, the list of acceptable outputs (the task's `output` list).
+    Returns:
+        {"exact_match": float, "rougeL": float}, each 100 x mean over instances of the max over references,
+        rounded to 4 decimals. With no instances both are 0.0.
+    """
+    preds = _check(predictions, references)
+    if not preds:
+        return {"exact_match": 0.0, "rougeL": 0.0}
+    em = rouge = 0.0
+    for pred, refs in zip(preds, references):
+        em += max(float(exact_match(pred, r)) for r in refs)
+        rouge += max(rouge_l(pred, r) for r in refs)
+    n = len(preds)
+    return {"exact_match": round(100.0 * em / n, 4), "rougeL": round(100.0 * rouge / n, 4)}
+
+
+def compute_grouped_metrics(
+    predictions: Sequence[str | None], references: Sequence[Sequence[str]], groups: Sequence[str]
+) -> dict[str, float]:
+    """`compute_metrics` per group: {f"exact_match_for_{g}": ..., f"rougeL_for_{g}": ...}, in first-seen order."""
+    if not len(predictions) == len(references) == len(groups):
+        raise ValueError(
+            f"predictions ({len(predictions)}), references ({len(references)}) and groups ({len(groups)}) "
+            "must have the same length"
+        )
+    by_group: dict[str, tuple[list, list]] = {}
+    for pred, refs, group in zip(predictions, references, groups):
+        preds_g, refs_g = by_group.setdefault(group, ([], []))
+        preds_g.append(pred)
+        refs_g.append(refs)
+    results = {}
+    for group, (preds_g, refs_g) in by_group.items():
+        for metric, value in compute_metrics(preds_g, refs_g).items():
+            results[f"{metric}_for_{group}"] = value
+    return results
+
+
+def category_group(category: str) -> str:
+    """Official group name of a category: lower-cased, whitespace -> "_" ("Title Generation" -> "title_generation")."""
+    return "_".join(category.lower().split())
+
+
+def evaluate_sni(
+    predictions: Sequence[str | None],
+    references: Sequence[Sequence[str]],
+    tasks: Sequence[str],
+    categories: Sequence[str],
+    *,
+    print_table: bool = False,
+) -> dict[str, float]:
+    """Overall, per-category and per-task metrics in one flat dict, as the official script reports them.
+
+    Args:
+        tasks: the task name of each instance (e.g. "task1393_superglue_copa_text_completion").
+        categories: the task category of each instance (a task's `Categories[0]`, as Tk-Instruct uses),
+            grouped with `category_group`.
+        print_table: also print `format_table` of the result.
+    Returns:
+        {"exact_match", "rougeL", "exact_match_for_<category>", "rougeL_for_<category>",
+         "exact_match_for_<task>", "rougeL_for_<task>", ...}.
+    """
+    results = compute_metrics(predictions, references)
+    results.update(compute_grouped_metrics(predictions, references, [category_group(c) for c in categories]))
+    results.update(compute_grouped_metrics(predictions, references, list(tasks)))
+    if print_table:
+        print(format_table(results, tasks=tasks, categories=categories))
+    return results
+
+
+def format_table(results: dict[str, float], *, tasks: Sequence[str], categories: Sequence[str]) -> str:
+    """A readable text table of `evaluate_sni` results: overall, then categories, then tasks (sorted by name)."""
+    counts: dict[str, int] = {}
+    for name in [category_group(c) for c in categories] + list(tasks):
+        counts[name] = counts.get(name, 0) + 1
+    cat_names = sorted({category_group(c) for c in categories})
+    task_names = sorted(set(tasks))
+    width = max([len(n) for n in cat_names + task_names] + [len("overall")])
+
+    def row(label: str, em: float, rl: float, n: int) -> str:
+        return f"{label:<{width}}  {n:>6}  {em:>11.2f}  {rl:>8.2f}"
+
+    header = f"{'':<{width}}  {'n':>6}  {'exact_match':>11}  {'rougeL':>8}"
+    lines = [header, "-" * len(header), row("overall", results["exact_match"], results["rougeL"], len(tasks))]
+    for title, names in (("category", cat_names), ("task", task_names)):
+        lines += ["", f"per {title}:"]
+        for name in names:
+            em, rl = results[f"exact_match_for_{name}"], results[f"rougeL_for_{name}"]
+            lines.append(row(name, em, rl, counts[name]))
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ from nanot5.checkpoint import (CheckpointError, load_checkpoint, load_latest, rn
                                set_rng_state)
 from nanot5.config import Config, ConfigError, config_from_dict, load_config
 from nanot5.model import T5, T5Config, flops_per_step
-from nanot5.metrics import MetricsLogger, Progress, measure_matmul_peak, plot_losses
+from nanot5.tracking import MetricsLogger, Progress, measure_matmul_peak, plot_losses
 
 
 # ----------------------------------------------------------------- setup

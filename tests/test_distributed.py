@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanot5.metrics import read_metrics
+from nanot5.tracking import read_metrics
 from tests.test_train import REPO, tiny_args
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")

@@ -13,9 +13,9 @@ import re
 import pytest
 from rouge_score import rouge_scorer
 
-from nanot5 import sni
+from nanot5 import metrics as sni
 from nanot5.data.sni import load_task
-from nanot5.sni import (
+from nanot5.metrics import (
     category_group,
     compute_grouped_metrics,
     compute_metrics,
