@@ -9,11 +9,13 @@ Layout of `<run>/checkpoints/step_0001000/`:
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a crash
 mid-save leaves every earlier checkpoint untouched. Nothing here ever deletes or overwrites a
-checkpoint other than by retention (`keep` newest complete ones).
+checkpoint other than by retention (`keep` newest complete ones of the same run id), and a killed save's
+temporary folder is removed at the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -26,7 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanot5 import faults
 from nanot5.errors import CheckpointError
+from nanot5.fileio import fsync_dir
+from nanot5.log import warn
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml")
@@ -87,8 +92,12 @@ def from_saveable(obj: Any) -> Any:
 
 def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], trainer_state: dict[str, Any],
-                    config_yaml: str, keep: int) -> Path:
-    """Write checkpoint `step` atomically under `root`, then drop all but the newest `keep`."""
+                    config_yaml: str, keep: int, run_id: str = "") -> Path:
+    """Write checkpoint `step` atomically under `root`, then drop all but this run's newest `keep`.
+
+    A full disk (ENOSPC) raises a CheckpointError naming the checkpoint that could not be written and the
+    newest intact one; the temporary folder is removed either way.
+    """
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
@@ -98,36 +107,42 @@ def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tenso
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()},
                   str(tmp / "model.safetensors"))
+        faults.point("save")
         torch.save(to_saveable(optimizer_state), tmp / "optimizer.pt")
         torch.save(to_saveable(trainer_state), tmp / "trainer.pt")
         (tmp / "config.yaml").write_text(config_yaml)
-        meta = {"step": step, "files": list(FILES), "time": time.time()}
+        meta = {"step": step, "files": list(FILES), "time": time.time(), "run_id": run_id}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a stale or foreign directory with this name: keep it, aside
             aside = final.with_name(f"{final.name}.old-{time.time_ns()}")
             final.rename(aside)
-            print(f"[nanot5] moved existing {final} aside to {aside.name}")
+            warn(f"moved existing {final} aside to {aside.name}")
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        intact = next((str(p) for p in list_checkpoints(root) if (p / "meta.json").is_file()), None)
+        raise CheckpointError(f"no space left on device while writing checkpoint {final}; "
+                              + (f"checkpoint {intact} is intact" if intact else "no earlier checkpoint exists")
+                              + " (free some space and resume with resume=auto)") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    prune(root, keep)
+    prune(root, keep, run_id)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete `.tmp-step_*` folders of saves that were killed midway (call while holding the run lock, so
+    no live process is writing them); returns what was removed."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".tmp-step_")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -138,10 +153,19 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def prune(root: Path, keep: int) -> None:
-    complete = [p for p in list_checkpoints(root) if (p / "meta.json").is_file()]
-    for old in complete[keep:]:
+def prune(root: Path, keep: int, run_id: str) -> None:
+    """Delete all but the newest `keep` complete checkpoints written by run `run_id`; checkpoints of any
+    other run (or without a run id) are never touched."""
+    ours = [p for p in list_checkpoints(root) if _run_id_of(p) == run_id and run_id]
+    for old in ours[keep:]:
         shutil.rmtree(old)
+
+
+def _run_id_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / "meta.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------- load
@@ -163,12 +187,19 @@ def validate(path: Path) -> dict[str, Any]:
 
 
 def load_latest(root: Path) -> dict[str, Any] | None:
-    """The newest checkpoint under root that loads, skipping (and reporting) damaged ones."""
+    """The newest checkpoint under root that loads, skipping (and reporting) damaged ones; None if there
+    is none at all. If checkpoints exist but none is usable: a CheckpointError listing each and why."""
+    rejected = []
     for path in list_checkpoints(root):
         try:
             return load_checkpoint(path)
         except CheckpointError as e:
-            print(f"[nanot5] skipping unusable checkpoint: {e}")
+            warn(f"skipping unusable checkpoint: {e}")
+            rejected.append(str(e))
+    if rejected:
+        raise CheckpointError(f"resume=auto: none of the {len(rejected)} checkpoints in {root} is usable: "
+                              + "; ".join(rejected) + ". Resume from one with resume=PATH after repairing it, "
+                              "or start a new run.dir")
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ OPTIMIZERS = ("adamwscale", "adafactor", "adamw")
 SCHEDULERS = ("cosine", "legacy", "constant", "linear")
 PRECISIONS = ("fp32", "bf16", "tf32", "fp16")
 MODES = ("pt", "ft")
+MAX_SENTINELS = 100  # <extra_id_0..99> of T5 tokenizers
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -42,83 +44,107 @@ def _check_positive(obj: Any, prefix: str, *names: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "t5-v1_1-base"  # built-in name (t5-v1_1-tiny/small/base/...), HF directory or hub name
-    random_init: bool = True  # False: start from the weights of `name` (HF directory or hub name)
-    overwrite: dict = field(default_factory=dict)  # T5Config fields, e.g. model.overwrite.num_layers=2
-    checkpoint_path: str = ""  # start from this nanot5 checkpoint or HF directory's weights
-    compile: bool = False  # torch.compile the training forward
-    gradient_checkpointing: bool = False
-
+    name: str = "t5-v1_1-base"  # built-in architecture (t5-v1_1-tiny/small/base/large/xl, t5-small/base/large), HF directory or hub name
+    random_init: bool = True  # true: fresh weights with model.name's architecture; false: load model.name's weights
+    overwrite: dict = field(default_factory=dict)  # T5Config fields to change, e.g. model.overwrite.num_layers=4
+    checkpoint_path: str = ""  # start from the weights of this nanot5 checkpoint or HF directory
+    compile: bool = False  # torch.compile the model (per block) for training
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
     def __post_init__(self):
         from nanot5.model import T5Config
 
-        valid = {f.name for f in fields(T5Config)}
-        for key in self.overwrite:
-            if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=3)
+        hints = typing.get_type_hints(T5Config)
+        for key, value in self.overwrite.items():
+            if key not in hints:
+                close = difflib.get_close_matches(key, list(hints), n=3)
                 hint = f"; did you mean {' or '.join('model.overwrite.' + c for c in close)}?" if close else ""
                 raise ConfigError(f"unknown config key 'model.overwrite.{key}' (not a T5Config field){hint}")
+            _check_overwrite_type(key, value, hints[key])
+
+
+def _check_overwrite_type(key: str, value: Any, hint: Any) -> None:
+    allowed = tuple(t for t in typing.get_args(hint) if t is not type(None)) or (hint,)
+    if value is None and type(None) in typing.get_args(hint):
+        return
+    ok = any((isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)))
+             or (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in allowed)
+    if not ok:
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+        raise ConfigError(f"model.overwrite.{key}: expected {names}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"model.overwrite.{key}: must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    # HF name, local folder, spiece.model, `demo` (trained and cached), or "" for model.name's tokenizer
-    name: str = "google/t5-v1_1-base"
+    name: str = "google/t5-v1_1-base"  # HF name, local folder or spiece.model, `demo` (trained once), or "" for model.name's own
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "c4"  # c4 | hf:NAME[:CONFIG][:SPLIT] | demo | local path/dir/glob | sni
-    validation_source: str = ""  # default: the validation split of `source`
-    text_column: str = "text"
-    input_length: int = 512
-    mlm_probability: float = 0.15
-    mean_noise_span_length: float = 3.0
-    num_workers: int = 2
-    # logical readers (shards of the corpus) over all processes; 0: world_size * max(1, num_workers).
-    # Fix it to get the same batches, and exact resume, with any number of processes and workers.
-    num_readers: int = 0
-    shuffle_buffer: int = 10_000
-    on_error: str = "raise"  # raise | skip (count and log malformed records)
-    # Super-Natural Instructions fine-tuning (mode ft)
-    sni_dir: str = "natural-instructions"
-    sni_split: str = "default"
-    max_seq_len: int = 1024
-    max_target_len: int = 128
-    max_num_instances_per_task: int = 100
-    max_num_instances_per_eval_task: int = 100
-    add_task_name: bool = False
-    add_task_definition: bool = True
-    num_pos_examples: int = 2
-    num_neg_examples: int = 0
-    add_explanation: bool = False
-    tk_instruct: bool = False
+    source: str = "c4"  # c4 | hf:NAME[:CONFIG][:SPLIT] | demo | local file, folder or glob | sni (fine-tuning)
+    validation_source: str = ""  # held-out data, same forms as source; "" = the validation split of source
+    text_column: str = "text"  # field that holds the text in json/jsonl/parquet/HF records
+    input_length: int = 512  # encoder tokens per example (pre-training: after span corruption)
+    mlm_probability: float = 0.15  # share of tokens masked by span corruption (noise density)
+    mean_noise_span_length: float = 3.0  # mean length of a masked span
+    num_workers: int = 2  # DataLoader worker processes per rank (0: read in the main process)
+    num_readers: int = 0  # logical corpus readers over all ranks; fix it for equal batches across world sizes (0: auto)
+    shuffle_buffer: int = 10_000  # windows shuffled together per reader (0: keep document order)
+    on_error: str = "raise"  # bad records: raise (stop with file:line) | skip (count and go on)
+    sni_dir: str = "natural-instructions"  # Super-Natural Instructions checkout (splits/, tasks/)
+    sni_split: str = "default"  # folder under sni_dir/splits
+    max_seq_len: int = 1024  # fine-tuning: encoder tokens per example (longer inputs are truncated)
+    max_target_len: int = 128  # fine-tuning: target tokens per example (longer targets are truncated)
+    max_num_instances_per_task: int = 100  # SNI: instances sampled from each training task
+    max_num_instances_per_eval_task: int = 100  # SNI: first instances of each test task that are scored
+    add_task_name: bool = False  # SNI prompt: start with the task name
+    add_task_definition: bool = True  # SNI prompt: include the task definition
+    num_pos_examples: int = 2  # SNI prompt: positive examples shown
+    num_neg_examples: int = 0  # SNI prompt: negative examples shown
+    add_explanation: bool = False  # SNI prompt: add the examples' explanations
+    tk_instruct: bool = False  # SNI: draw one of Tk-Instruct's prompt layouts per instance
 
     def __post_init__(self):
         _check_positive(self, "data", "input_length", "mean_noise_span_length", "max_seq_len",
-                        "max_target_len", "shuffle_buffer")
+                        "max_target_len")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("num_workers", "num_readers", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         _check_choice("data.on_error", self.on_error, ("raise", "skip"))
+        if self.source != "sni":  # span corruption must be possible at this length (fine-tuning skips it)
+            from nanot5.data.span_corruption import compute_lengths, span_counts
+
+            try:
+                raw, _ = compute_lengths(self.input_length, self.mlm_probability, self.mean_noise_span_length)
+                _, spans = span_counts(raw, self.mlm_probability, self.mean_noise_span_length)
+            except ValueError as e:
+                raise ConfigError(f"data.input_length={self.input_length} with data.mlm_probability="
+                                  f"{self.mlm_probability}: span corruption is impossible ({e})") from None
+            if spans > MAX_SENTINELS:
+                raise ConfigError(
+                    f"data.input_length={self.input_length}: span corruption would need {spans} sentinel tokens "
+                    f"per example, more than a T5 tokenizer's {MAX_SENTINELS}; lower data.input_length or raise "
+                    "data.mean_noise_span_length")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamwscale"
-    base_lr: float = 2e-2
-    batch_size: int = 128  # GLOBAL batch (all ranks, all micro-batches)
-    total_steps: int = 65536
+    name: str = "adamwscale"  # adamwscale (nanoT5) | adafactor | adamw
+    base_lr: float = 2e-2  # peak learning rate (legacy schedule: ignored)
+    batch_size: int = 128  # GLOBAL batch: all ranks and all grad_acc micro-batches together
+    total_steps: int = 65536  # optimizer steps
     epochs: int = -1  # > 0: derive total_steps from the data set size (fine-tuning)
-    warmup_steps: int = 10000
-    lr_scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # <= 0: no clipping
-    grad_acc: int = 1
-    final_cosine: float = 1e-5
-    skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping
+    warmup_steps: int = 10000  # linear warm-up steps
+    lr_scheduler: str = "cosine"  # cosine | legacy (T5's inverse sqrt) | constant | linear
+    weight_decay: float = 0.0  # decoupled weight decay on matrices
+    grad_clip: float = 1.0  # max global gradient L2 norm (<= 0: no clipping)
+    grad_acc: int = 1  # micro-batches per optimizer step
+    final_cosine: float = 1e-5  # learning rate at the end of the cosine schedule
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping (one host sync per step)
 
     def __post_init__(self):
         _check_choice("optim.name", self.name, OPTIMIZERS)
@@ -128,23 +154,40 @@ class OptimConfig:
             raise ConfigError("set optim.total_steps or optim.epochs to a positive number")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.final_cosine < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.final_cosine and optim.weight_decay must be >= 0")
+        if self.epochs <= 0:
+            check_warmup(self.warmup_steps, self.total_steps)
         if self.batch_size % self.grad_acc:
             raise ConfigError(
                 f"optim.batch_size={self.batch_size} is not divisible by optim.grad_acc={self.grad_acc}: "
                 "the global batch is split into grad_acc equal micro-batches")
 
 
+def check_warmup(warmup_steps: int, total_steps: int) -> None:
+    """Every schedule: a warm-up must end before the last step."""
+    if warmup_steps and warmup_steps >= total_steps:
+        raise ConfigError(f"optim.warmup_steps={warmup_steps} must be < the {total_steps} training steps "
+                          "(optim.total_steps or what optim.epochs gives)")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    every_steps: int = 100_000
-    steps: int = 500  # held-out batches per evaluation
-    batch_size: int = 0  # 0: same as the training micro-batch
+    every_steps: int = 100_000  # evaluate every N optimizer steps (and at the end)
+    steps: int = 500  # held-out batches per evaluation (0: no held-out evaluation)
+    batch_size: int = 0  # GLOBAL evaluation batch (0: the training micro-batch per rank)
+
+    def __post_init__(self):
+        _check_positive(self, "eval", "every_steps")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 100_000
-    keep: int = 2
+    every_steps: int = 100_000  # save every N optimizer steps (and at the end, and on Ctrl-C/SIGTERM)
+    keep: int = 2  # newest checkpoints of this run to keep
 
     def __post_init__(self):
         _check_positive(self, "checkpoint", "every_steps", "keep")
@@ -152,26 +195,29 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    every_steps: int = 100
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "nanot5"
+    every_steps: int = 100  # log training loss, lr, throughput every N steps
+    tensorboard: bool = True  # write TensorBoard events to run.dir/tensorboard
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "nanot5"  # W&B project name
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines
-    peak_tflops: float = 0.0  # device peak for MFU; 0: known GPU table, or measured on CPU
+    peak_tflops: float = 0.0  # device peak for MFU (0: known GPU table, measured on CPU)
 
     def __post_init__(self):
         _check_positive(self, "logging", "every_steps")
         _check_choice("logging.progress", self.progress, ("auto", "bar", "lines"))
+        if self.peak_tflops < 0:
+            raise ConfigError(f"logging.peak_tflops must be >= 0, got {self.peak_tflops}")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = ""  # default runs/<timestamp>
+    dir: str = ""  # run folder (default runs/<timestamp>)
+    overwrite: bool = False  # a fresh run into a folder that holds a run: move the old one aside (never deleted)
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    strategy: str = "ddp"  # ddp | fsdp (only used under torchrun with >1 process)
+    strategy: str = "ddp"  # ddp | fsdp (only used under torchrun with > 1 process)
 
     def __post_init__(self):
         _check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp"))
@@ -179,12 +225,12 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class Config:
-    mode: str = "pt"  # pt: span-corruption pre-training; ft: SNI fine-tuning
-    preset: str = ""
-    seed: int = 2137
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "bf16"
-    resume: str = ""  # "" | auto | path to a checkpoint directory
+    mode: str = "pt"  # pt: span-corruption pre-training | ft: fine-tuning
+    preset: str = ""  # preset the config was built from (nanot5/configs/NAME.yaml)
+    seed: int = 2137  # seed of weights, data order and masks
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (gpu = cuda)
+    precision: str = "bf16"  # bf16 | fp16 (autocast) | tf32 | fp32
+    resume: str = ""  # "" (fresh run) | auto (newest usable checkpoint of run.dir) | path to a checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,6 +244,10 @@ class Config:
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
         _check_choice("precision", self.precision, PRECISIONS)
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if not (self.device in ("auto", "cpu", "cuda", "gpu") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,13 +289,18 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif hint is str:
         if value is None:
             return ""
@@ -272,7 +327,7 @@ def _merge(tree: dict[str, Any], updates: dict[str, Any], cls=Config, prefix: st
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of {sub.__name__} keys, got {value!r}")
             _merge(tree.setdefault(key, {}), value, sub, full + ".")
-        elif key == "overwrite":
+        elif full == "model.overwrite":
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of T5Config fields, got {value!r}")
             tree.setdefault(key, {}).update(value)
@@ -334,15 +389,20 @@ def load_preset(name: str) -> dict[str, Any]:
     return tree
 
 
-def load_config(overrides: list[str] | None = None, *, default_preset: str = "",
-                **defaults: Any) -> Config:
-    """Build a Config from `preset=`, `config=FILE` and `key=value` arguments (applied in that order).
+# nanoT5 command-line keys whose meaning does not carry over: accepted so its command lines still run.
+NANOT5_IGNORED = {
+    "model.klass": "nanot5 has one T5 implementation (equal to HF's, tested)",
+    "model.add_config": "nanot5's T5Config has no extra fields to add",
+    "logging.grad_l2": "the gradient norm is always logged",
+    "logging.weights_l2": "the weight norm is always logged",
+    "logging.neptune": "use logging.wandb or TensorBoard",
+    "local_env": "paths are config keys in nanot5",
+}
 
-    Values are parsed as YAML scalars (`1e-2`, `true`, `null`); `defaults` are dotted keys applied
-    before the preset (e.g. mode="ft").
-    """
-    pairs: list[tuple[str, Any]] = []
-    for arg in overrides or []:
+
+def _parse_pairs(overrides: list[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for arg in overrides:
         key, sep, raw = arg.partition("=")
         if not sep or not key:
             raise ConfigError(f"expected key=value, got {arg!r}")
@@ -351,6 +411,42 @@ def load_config(overrides: list[str] | None = None, *, default_preset: str = "",
         except yaml.YAMLError:
             value = raw
         pairs.append((key.strip(), value))
+    return pairs
+
+
+def _nanot5_compat(pairs: list[tuple[str, Any]], notes: list[str]) -> list[tuple[str, Any]]:
+    """Translate nanoT5's own command-line keys: task=pt|ft -> mode; refuse eval_only/predict_only=true
+    (separate commands here); drop keys that mean nothing in nanot5, with a note."""
+    out = []
+    for key, value in pairs:
+        if key == "task":
+            if value not in MODES:
+                raise ConfigError(f"task={value!r}: use task=pt (pre-training) or task=ft (fine-tuning)")
+            out.append(("mode", value))
+        elif key in ("eval_only", "predict_only"):
+            if value not in (False, "false", 0):
+                cmd = "evaluate" if key == "eval_only" else "predict"
+                raise ConfigError(f"{key}=true: run `nanot5 {cmd} model=DIR ...` instead")
+        elif any(key == k or key.startswith(k + ".") for k in NANOT5_IGNORED):
+            base = next(k for k in NANOT5_IGNORED if key == k or key.startswith(k + "."))
+            notes.append(f"ignoring nanoT5 option {key}: {NANOT5_IGNORED[base]}")
+        else:
+            out.append((key, value))
+    return out
+
+
+def load_config(overrides: list[str] | None = None, *, default_preset: str = "",
+                notes: list[str] | None = None, **defaults: Any) -> Config:
+    """Build a Config from `preset=`, `config=FILE` and `key=value` arguments (applied in that order).
+
+    Values are parsed as YAML scalars (`1e-2`, `true`, `null`); `defaults` are dotted keys applied
+    before the preset (e.g. mode="ft"). A `model.name` given after a preset replaces the preset's model:
+    the preset's `model.overwrite` architecture keys are dropped (never combined with another model
+    behind the user's back) unless the user sets them too. Messages about such decisions are appended
+    to `notes` (the caller prints them).
+    """
+    notes = [] if notes is None else notes
+    pairs = _nanot5_compat(_parse_pairs(overrides or []), notes)
     preset = next((str(v) for k, v in pairs if k == "preset"), default_preset)
     tree: dict[str, Any] = {}
     for key, value in defaults.items():
@@ -358,14 +454,93 @@ def load_config(overrides: list[str] | None = None, *, default_preset: str = "",
     if preset:
         _merge(tree, load_preset(preset))
         tree["preset"] = preset
+    preset_model = dict(tree.get("model", {}))
+    user_overwrite: set[str] = set()
     for key, value in pairs:
         if key == "config":
-            _merge(tree, read_yaml(value))
+            layer = read_yaml(value)
+            user_overwrite |= set((layer.get("model") or {}).get("overwrite") or {})
+            _merge(tree, layer)
     for key, value in pairs:
         if key in ("preset", "config"):
             continue
-        _merge(tree, _nest(key, value))
+        layer = _nest(key, value)
+        user_overwrite |= set((layer.get("model") or {}).get("overwrite") or {}) if isinstance(
+            layer.get("model"), dict) else set()
+        _merge(tree, layer)
+    model = tree.get("model", {})
+    if preset_model.get("overwrite") and model.get("name", ModelConfig.name) != preset_model.get("name",
+                                                                                               ModelConfig.name):
+        dropped = {k: v for k, v in preset_model["overwrite"].items()
+                   if k not in user_overwrite and k != "dropout_rate"}
+        if dropped:
+            model["overwrite"] = {k: v for k, v in model["overwrite"].items() if k not in dropped}
+            notes.append(f"model.name={model['name']} replaces preset {preset}'s model: its model.overwrite "
+                         f"{dropped} is not applied (set model.overwrite.KEY=VALUE to change the architecture)")
     return _build(Config, tree)
+
+
+# ---------------------------------------------------------------- documentation
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field line in a config dataclass's source: its --help text."""
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"^    (\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def describe_keys(cls=Config, prefix: str = "", instance: Any = None) -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, description) of every config key, from the dataclasses themselves."""
+    instance = cls() if instance is None else instance
+    comments = _field_comments(cls)
+    out = []
+    for f in fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        value = getattr(instance, f.name)
+        if sub:
+            out += describe_keys(sub, f"{prefix}{f.name}.", value)
+        else:
+            hint = typing.get_type_hints(cls)[f.name]
+            out.append((prefix + f.name, getattr(hint, "__name__", str(hint)), value, comments.get(f.name, "")))
+    return out
+
+
+def format_keys(defaults: Config | None = None) -> str:
+    """A readable table of every config key for `--help` (defaults from `defaults`, e.g. a preset)."""
+    rows = describe_keys(instance=defaults)
+    width = max(len(k) for k, *_ in rows)
+    lines = []
+    section = None
+    for key, type_name, default, doc in rows:
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            lines.append(f"\n  {head or 'general'}:")
+        shown = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        lines.append(f"    {key:<{width}}  {type_name:<5} = {shown:<14} {doc}")
+    return "\n".join(lines)
+
+
+def kv_to_flags(argv: list[str]) -> list[str]:
+    """`key=value` arguments as argparse flags (`--key value`; `key=true` -> `--key`, `key=false` dropped), so
+    commands with a fixed option list take the same `key=value` form as training. `--flags` pass through."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            out.append(arg)
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value.lower() in ("true", "yes"):
+            out.append(flag)
+        elif value.lower() not in ("false", "no"):
+            out += [flag, value]
+    return out
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

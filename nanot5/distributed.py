@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanot5.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -30,13 +32,21 @@ class DistEnv:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto | cpu | cuda | gpu (nanoT5's name) | cuda:N -> a device this machine has (ConfigError otherwise)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name in ("gpu", "cuda"):  # nanoT5 says device=gpu
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={name} requested but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    if name in ("gpu", "cuda"):
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"device={name}: this machine has {count} CUDA device{'s' if count != 1 else ''}"
+                              + (" (use device=cpu)" if count == 0 else ""))
+    return device
 
 
 def setup(device: str = "auto") -> DistEnv:
@@ -67,6 +77,21 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (just `obj` in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
@@ -107,8 +132,14 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, precision: s
     raise ValueError(f"distributed.strategy={strategy!r}: use ddp or fsdp")
 
 
-def _full(t):
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded DTensor (a collective: call on every rank), the tensor itself otherwise."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (no communication), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer, strategy: str,
@@ -122,7 +153,7 @@ def full_state_dicts(model: torch.nn.Module, optimizer, strategy: str,
     if not optimizer_too:
         return model_state, None
     optim_state = optimizer.state_dict()  # same parameter order on every rank: gather tensor by tensor
-    optim_state["state"] = {k: {n: _full(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in st.items()}
+    optim_state["state"] = {k: {n: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in st.items()}
                             for k, st in optim_state["state"].items()}
     return model_state, optim_state
 

@@ -1,23 +1,29 @@
-"""Evaluation: held-out span-corruption loss/accuracy, and SNI generation scored with the official metric.
+"""Evaluation: held-out span-corruption loss/accuracy, what a model fills in, SNI generation scored with the
+official metric, and HF export.
 
     nanot5 evaluate model=DIR [data.validation_source=...] [eval.steps=N] [out=FILE]
-    nanot5 predict  model=DIR [data.sni_dir=DIR] [out=DIR]
+    nanot5 predict  model=DIR [data.sni_dir=DIR] [out=DIR] [batch_size=N]
     nanot5 export   checkpoint=PATH out=DIR
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from nanot5 import distributed
+from nanot5 import distributed, faults
+from nanot5.build import autocast_context, build_tokenizer, load_model_dir, sni_collator
 from nanot5.config import Config, ConfigError, load_config
+from nanot5.fileio import atomic_write, atomic_write_text
+from nanot5.log import info
+
+EXPORT_MARKER = "nanot5_export.json"  # written into every HF folder nanot5 writes (final/, exports)
 
 
 @torch.no_grad()
@@ -46,6 +52,7 @@ def heldout_metrics(model, batches: Iterable[dict[str, torch.Tensor]], *, amp=No
         labels = batch["labels"]
         with amp or contextlib.nullcontext():
             logits = model(**batch).logits  # (B, T, V)
+        faults.point("eval")
         if not counted:
             continue
         logits = logits.float()
@@ -61,7 +68,7 @@ def heldout_metrics(model, batches: Iterable[dict[str, torch.Tensor]], *, amp=No
 
 
 def unigram_entropy(source: str, tokenizer, *, split: str = "validation", max_docs: int = 2000,
-                    text_column: str = "text") -> float:
+                    text_column: str = "text", on_error: str = "raise") -> float:
     """Entropy (nats/token) of the corpus's token frequencies: the loss of a model that ignores context.
 
     A pre-trained model's held-out loss should sit well below it.
@@ -72,7 +79,7 @@ def unigram_entropy(source: str, tokenizer, *, split: str = "validation", max_do
     from nanot5.data.sources import open_source
 
     docs = []
-    for _, text in open_source(source, split=split, text_column=text_column).documents():
+    for _, text in open_source(source, split=split, text_column=text_column, on_error=on_error).documents():
         docs.append(text)
         if len(docs) == max_docs:
             break
@@ -83,6 +90,62 @@ def unigram_entropy(source: str, tokenizer, *, split: str = "validation", max_do
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
+# ---------------------------------------------------------------- samples
+def _spans(ids: list[int], tokenizer) -> tuple[list[list[int]], list[int]]:
+    """Split span-corruption ids at sentinels: (pieces between sentinels, sentinel numbers k in order)."""
+    first = tokenizer.sentinel_id(0)
+    last = first - tokenizer.num_sentinels + 1
+    pieces, marks = [[]], []
+    for i in ids:
+        if i in (tokenizer.eos_id, tokenizer.pad_id, -100):
+            if i == tokenizer.eos_id:
+                break
+            continue
+        if last <= i <= first:
+            marks.append(first - i)
+            pieces.append([])
+        else:
+            pieces[-1].append(i)
+    return pieces, marks
+
+
+def _by_sentinel(ids: list[int], tokenizer) -> dict[int, list[int]]:
+    """Targets `<X0> span <X1> span ...` -> {k: ids of span k}."""
+    pieces, marks = _spans(ids, tokenizer)
+    return dict(zip(marks, pieces[1:]))
+
+
+@torch.no_grad()
+def fill_in_samples(model, tokenizer, batches: Iterable[dict[str, torch.Tensor]], *, amp=None,
+                    device: torch.device | str = "cpu", num: int = 3, max_spans: int = 5) -> str:
+    """A few held-out examples with their masked spans: the truth next to what the model fills in
+    (greedy), so a person sees the model working, not only a loss."""
+    batch = next(iter(batches))
+    inputs, labels = batch["input_ids"][:num], batch["labels"][:num]
+    was_training = model.training
+    model.eval()
+    try:
+        with amp or contextlib.nullcontext():
+            out = model.generate(inputs.to(device), max_new_tokens=labels.shape[1])
+    finally:
+        model.train(was_training)
+    blocks = []
+    for row in range(inputs.shape[0]):
+        pieces, marks = _spans(inputs[row].tolist(), tokenizer)
+        text = tokenizer.decode(pieces[0])
+        for k, piece in zip(marks, pieces[1:]):
+            text += f" [{k}] " + tokenizer.decode(piece)
+        truth = _by_sentinel(labels[row].tolist(), tokenizer)
+        guess = _by_sentinel(out[row].tolist(), tokenizer)
+        lines = [f"sample {row + 1}: {text[:400]}{' ...' if len(text) > 400 else ''}"]
+        for k in marks[:max_spans]:
+            lines.append(f"  [{k}] truth: {tokenizer.decode(truth.get(k, []))!r:<28} "
+                         f"model: {tokenizer.decode(guess.get(k, []))!r}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+# -------------------------------------------------------------- generation
 @torch.no_grad()
 def generate_texts(model, tokenizer, sources: list[str], *, batch_size: int, max_source_length: int,
                    max_new_tokens: int, device: torch.device | str = "cpu", amp=None,
@@ -125,7 +188,6 @@ def predict_sni(model, tokenizer, cfg: Config, *, out_dir: Path | None, device, 
     """Generate for the SNI test tasks; write predictions.jsonl and metrics.json; return the metrics."""
     from nanot5.data.sni import load_sni
     from nanot5.metrics import evaluate_sni
-    from nanot5.train import sni_collator
 
     records = load_sni(cfg.data.sni_dir, "test", split=cfg.data.sni_split,
                        max_num_instances_per_task=cfg.data.max_num_instances_per_eval_task)
@@ -139,12 +201,31 @@ def predict_sni(model, tokenizer, cfg: Config, *, out_dir: Path | None, device, 
                            print_table=print_table and out_dir is not None)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with (out_dir / "predictions.jsonl").open("w") as f:
-            for r, p in zip(records, preds):
-                f.write(json.dumps({"id": r["id"], "task": r["task"], "prediction": p,
-                                    "references": r["references"]}, ensure_ascii=False) + "\n")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        lines = [json.dumps({"id": r["id"], "task": r["task"], "prediction": p, "references": r["references"]},
+                            ensure_ascii=False) + "\n" for r, p in zip(records, preds)]
+        atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+# ------------------------------------------------------------------ export
+def write_hf_dir(model, tokenizer, out: Path, source: str = "") -> None:
+    """An HF-format folder (config.json, model.safetensors, tokenizer files) marked as written by nanot5."""
+    model.save_hf(out)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    marker = json.dumps({"written_by": "nanot5", "source": source, "time": time.time()}) + "\n"
+    atomic_write(out / EXPORT_MARKER, lambda tmp: Path(tmp).write_text(marker))
+
+
+def check_export_target(out: Path) -> None:
+    """Refuse to write into a non-empty folder that nanot5 did not write (it could be a checkpoint or a
+    user's model: its files would be overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ConfigError(f"out={out} is not empty and is not an earlier nanot5 export; choose an empty or new "
+                          "folder (nanot5 never overwrites files it did not write)")
 
 
 # ------------------------------------------------------------------- CLI
@@ -159,50 +240,43 @@ def _split_args(argv: list[str], own: tuple[str, ...]) -> tuple[dict[str, str], 
     return mine, rest
 
 
-def load_model_dir(path: str, device) -> tuple[Any, Any]:
-    """A model (and its tokenizer, when the directory has one) from an HF-format dir, a run dir or a checkpoint."""
-    from nanot5.checkpoint import load_checkpoint
-    from nanot5.config import config_from_dict
-    from nanot5.data.tokenizer import load_tokenizer
-    from nanot5.model import T5
+def _help(argv: list[str], doc: str) -> bool:
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip())
+        return True
+    return False
 
-    p = Path(path)
-    if (p / "final" / "config.json").is_file():  # a run directory
-        p = p / "final"
-    tokenizer = None
-    if (p / "meta.json").is_file():  # a nanot5 checkpoint
-        import yaml
 
-        from nanot5.train import build_model, build_tokenizer
+def _tokenizer_for(model_path: str, tokenizer, cfg: Config, rest: list[str]):
+    """The model folder's own tokenizer, else an explicit tokenizer.name=; never a silent default."""
+    if tokenizer is not None:
+        return tokenizer
+    if any(a.startswith("tokenizer.name=") for a in rest):
+        return build_tokenizer(cfg)
+    raise ConfigError(f"model={model_path} has no tokenizer files; pass tokenizer.name=NAME_OR_DIR "
+                      "(the tokenizer it was trained with)")
 
-        ckpt = load_checkpoint(p)
-        cfg = config_from_dict(yaml.safe_load(ckpt["config_yaml"]))
-        tokenizer = build_tokenizer(cfg)
-        # the architecture from the checkpoint's config, the weights from the checkpoint itself
-        arch = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=True, checkpoint_path=""))
-        model = build_model(arch, len(tokenizer))
-        model.load_state_dict(ckpt["model"])
-    else:
-        model = T5.from_hf(str(p))
-        if (p / "tokenizer_config.json").is_file() or (p / "spiece.model").is_file():
-            tokenizer = load_tokenizer(p)
-    return model.to(device).eval(), tokenizer
+
+EVALUATE_HELP = """
+usage: nanot5 evaluate model=DIR [data.validation_source=SPEC] [eval.steps=N] [out=FILE] [key=value ...]
+
+Held-out span-corruption loss and token accuracy of a model: an HF-format folder, a run folder (its final/)
+or a nanot5 checkpoint. Data keys as in `nanot5 pretrain --help` (data.input_length, data.mlm_probability,
+eval.batch_size, precision, device, ...). Writes out (default MODEL/eval_results.json).
+"""
 
 
 def evaluate_main(argv: list[str]) -> int:
-    """`nanot5 evaluate model=DIR [data.validation_source=SPEC] [eval.steps=N] [out=FILE] [key=value ...]`."""
+    if _help(argv, EVALUATE_HELP):
+        return 0
     mine, rest = _split_args(argv, ("model", "out"))
     if "model" not in mine:
         raise ConfigError("nanot5 evaluate needs model=DIR (an HF-format directory, run directory or checkpoint)")
     cfg = load_config(rest, mode="pt", **{"eval.steps": 50, "optim.batch_size": 16, "precision": "fp32"})
     device = distributed.resolve_device(cfg.device)
     model, tokenizer = load_model_dir(mine["model"], device)
-    if tokenizer is None:
-        from nanot5.train import build_tokenizer
-
-        tokenizer = build_tokenizer(cfg)
+    tokenizer = _tokenizer_for(mine["model"], tokenizer, cfg, rest)
     from nanot5.data.loader import PretrainLoader
-    from nanot5.train import autocast_context
 
     loader = PretrainLoader(source=cfg.data.validation_source or cfg.data.source, split="validation",
                             tokenizer=tokenizer, input_length=cfg.data.input_length,
@@ -210,45 +284,64 @@ def evaluate_main(argv: list[str]) -> int:
                             mean_noise_span_length=cfg.data.mean_noise_span_length,
                             batch_size=cfg.eval.batch_size or cfg.optim.batch_size, seed=cfg.seed,
                             text_column=cfg.data.text_column, on_error=cfg.data.on_error,
-                            num_workers=0, shuffle_buffer=1, infinite=False, max_batches=cfg.eval.steps)
+                            num_workers=0, shuffle_buffer=0, infinite=False, max_batches=cfg.eval.steps)
     metrics = heldout_metrics(model, loader, amp=autocast_context(cfg.precision, device), device=device)
     out = Path(mine.get("out") or Path(mine["model"]) / "eval_results.json")
     result = {"model": mine["model"], "validation_source": cfg.data.validation_source or cfg.data.source,
               "eval_steps": cfg.eval.steps, **metrics}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"held-out loss {metrics['loss']:.4f} | accuracy {metrics['accuracy']:.4f} | "
           f"{metrics['tokens']} target tokens -> {out}")
     return 0
 
 
+PREDICT_HELP = """
+usage: nanot5 predict model=DIR [data.sni_dir=DIR] [data.sni_split=default] [out=DIR] [batch_size=N] [key=value ...]
+
+Generate for the SNI test tasks and score them with the official metric (exact match, ROUGE-L); writes
+predictions.jsonl and metrics.json into out (default MODEL/predictions). Keys as in `nanot5 finetune --help`.
+"""
+
+
 def predict_main(argv: list[str]) -> int:
-    """`nanot5 predict model=DIR [data.sni_dir=DIR] [data.sni_split=default] [out=DIR] [key=value ...]`."""
+    if _help(argv, PREDICT_HELP):
+        return 0
     mine, rest = _split_args(argv, ("model", "out", "batch_size"))
     if "model" not in mine:
         raise ConfigError("nanot5 predict needs model=DIR (an HF-format directory, run directory or checkpoint)")
+    try:
+        batch_size = int(mine.get("batch_size", 0) or 0)
+    except ValueError:
+        raise ConfigError(f"batch_size={mine['batch_size']!r}: expected a positive integer") from None
+    if "batch_size" in mine and batch_size <= 0:
+        raise ConfigError(f"batch_size={batch_size}: must be a positive integer")
     cfg = load_config(rest, default_preset="sni", mode="ft")
     device = distributed.resolve_device(cfg.device)
     model, tokenizer = load_model_dir(mine["model"], device)
-    if tokenizer is None:
-        from nanot5.train import build_tokenizer
-
-        tokenizer = build_tokenizer(cfg)
+    tokenizer = _tokenizer_for(mine["model"], tokenizer, cfg, rest)
     out = Path(mine.get("out") or Path(mine["model"]) / "predictions")
-    metrics = predict_sni(model, tokenizer, cfg, out_dir=out, device=device,
-                          batch_size=int(mine.get("batch_size", 0)))
+    metrics = predict_sni(model, tokenizer, cfg, out_dir=out, device=device, batch_size=batch_size)
     print(f"exact match {metrics['exact_match']:.2f} | ROUGE-L {metrics['rougeL']:.2f} -> {out}")
     return 0
 
 
+EXPORT_HELP = """
+usage: nanot5 export checkpoint=PATH out=DIR
+
+Write a nanot5 checkpoint (or run folder) as a Hugging Face T5ForConditionalGeneration folder with its
+tokenizer. out must be new, empty, or an earlier nanot5 export.
+"""
+
+
 def export_main(argv: list[str]) -> int:
-    """`nanot5 export checkpoint=PATH out=DIR`: a nanot5 checkpoint -> HF format (+ tokenizer files)."""
+    if _help(argv, EXPORT_HELP):
+        return 0
     mine, rest = _split_args(argv, ("checkpoint", "out"))
     if rest or "checkpoint" not in mine or "out" not in mine:
-        raise ConfigError("usage: nanot5 export checkpoint=PATH out=DIR")
-    model, tokenizer = load_model_dir(mine["checkpoint"], "cpu")
+        raise ConfigError("usage: nanot5 export checkpoint=PATH out=DIR" + (f" (unknown: {rest})" if rest else ""))
     out = Path(mine["out"])
-    model.save_hf(out)
-    if tokenizer is not None:
-        tokenizer.save(out)
-    print(f"exported {mine['checkpoint']} -> {out} (HF T5ForConditionalGeneration format)")
+    check_export_target(out)
+    model, tokenizer = load_model_dir(mine["checkpoint"], "cpu")
+    write_hf_dir(model, tokenizer, out, source=mine["checkpoint"])
+    info(f"exported {mine['checkpoint']} -> {out} (HF T5ForConditionalGeneration format)")
     return 0

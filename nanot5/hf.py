@@ -155,7 +155,7 @@ def to_hf_state_dict(model: T5) -> dict[str, torch.Tensor]:
 
 
 # -------------------------------------------------------------- loading
-def _resolve_dir(path_or_name: str | Path) -> Path:
+def resolve_dir(path_or_name: str | Path) -> Path:
     path = Path(path_or_name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -207,7 +207,7 @@ def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def load_hf(path_or_name: str | Path, dtype: torch.dtype | None = None,
             device: str | torch.device | None = None, **config_overrides: Any) -> T5:
     """Load an HF T5ForConditionalGeneration directory or hub name as a nanot5 `T5`."""
-    model_dir = _resolve_dir(path_or_name)
+    model_dir = resolve_dir(path_or_name)
     cfg = config_from_hf(model_dir)
     if config_overrides:
         cfg = T5Config(**{**cfg.to_dict(), **config_overrides})

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nanot5.config import OPTIMIZERS, SCHEDULERS
+
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamwscale", "adafactor", "adamw")
-SCHEDULES = ("cosine", "legacy", "constant", "linear")
 _HALF = (torch.float16, torch.bfloat16)
 _FUSED_DEVICES = ("cpu", "cuda")  # where torch has the fused AdamW kernel with a tensor lr
 _FUSED_MIN_NUMEL = 1 << 16
@@ -457,8 +457,8 @@ def lr_schedule(name: str, *, base_lr: float, warmup_steps: int, total_steps: in
     - constant: base_lr (after a linear warmup from 0, if warmup_steps > 0).
     - linear: linear warmup from 0, then linear decay to 0 at total_steps.
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown lr schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown lr schedule {name!r}; valid names: {', '.join(SCHEDULERS)}")
     if total_steps < 1 or warmup_steps < 0:
         raise ValueError(f"lr_schedule: need total_steps >= 1 and warmup_steps >= 0, "
                          f"got {total_steps}, {warmup_steps}")

@@ -23,7 +23,6 @@ from typing import Any
 # mallopt parameters from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 
 _applied: dict[str, Any] | None = None

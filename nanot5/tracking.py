@@ -9,14 +9,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanot5.errors import DataError
+from nanot5.fileio import atomic_write, atomic_write_text
+from nanot5.log import set_progress_bar, warn
+
 
 class MetricsLogger:
     """Rank-0 sink for training events. Every event is a dict with at least `step` and `kind`."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False,
-                 wandb_project: str = "nanot5", config: dict | None = None, resume_step: int | None = None):
+                 wandb_project: str = "nanot5", config: dict | None = None, resume_step: int | None = None,
+                 fresh: bool = False):
+        """resume_step: drop events after it (a resumed run logs them again); fresh: start an empty file."""
         self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None:
+        if fresh and self.path.exists():
+            atomic_write_text(self.path, "")
+        elif resume_step is not None:
             self.truncate_after(resume_step)
         self.file = self.path.open("a")
         self.tb = self.wandb = None
@@ -26,8 +34,8 @@ class MetricsLogger:
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
-                print("[nanot5] tensorboard is not installed; skipping TensorBoard events "
-                      "(pip install tensorboard, or logging.tensorboard=false)")
+                warn("tensorboard is not installed; skipping TensorBoard events "
+                     "(pip install tensorboard, or logging.tensorboard=false)")
         if wandb:
             import wandb as wb  # an explicit request: fail loudly if missing
 
@@ -35,12 +43,12 @@ class MetricsLogger:
                                  name=run_dir.name, resume="allow")
 
     def truncate_after(self, step: int) -> None:
-        """Drop events logged after `step` (they are about to be produced again by a resumed run)."""
+        """Drop events logged after `step` (a resumed run is about to produce them again), and a torn last
+        line (a crash mid-write); the file is replaced atomically."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in _complete_lines(self.path) if json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, event: dict[str, Any]) -> None:
         event = {"time": round(time.time(), 3), **event}
@@ -63,8 +71,25 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def _complete_lines(path: Path) -> list[str]:
+    """The non-blank lines of a JSON-lines file that parse; a torn (unparsable) LAST line is dropped, a bad
+    line elsewhere is an error naming it."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    good = []
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break  # written while the process died: drop it
+            raise DataError(f"{path}: line {i + 1} is not JSON ({e.msg}); fix or remove that line") from None
+        good.append(line)
+    return good
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All events of a metrics.jsonl (a torn last line is ignored)."""
+    return [json.loads(line) for line in _complete_lines(path)]
 
 
 def plot_losses(metrics_path: Path, out_path: Path, title: str = "", baseline: float | None = None) -> None:
@@ -91,12 +116,12 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "", baseline: f
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
 class Progress:
-    """A tqdm bar on a terminal, plain lines otherwise (CI logs, files)."""
+    """A tqdm bar on a terminal, plain lines otherwise (CI logs, files); log messages go through the bar."""
 
     def __init__(self, total: int, initial: int, mode: str = "auto", enabled: bool = True):
         self.bar = None
@@ -106,6 +131,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            set_progress_bar(self.bar)
 
     def update(self, step: int, info: dict[str, Any]) -> None:
         if not self.enabled:
@@ -116,27 +142,8 @@ class Progress:
         else:
             print(" | ".join(f"{k} {v}" for k, v in {"step": step, **info}.items()), flush=True)
 
-    def write(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def measure_matmul_peak(dtype, n: int = 2048, seconds: float = 0.5) -> float:
-    """Achieved FLOP/s of large square CPU matmuls in `dtype`: the denominator of MFU on a CPU."""
-    import torch
-
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)  # warm-up (kernel selection, page faults)
-    runs, start = 0, time.perf_counter()
-    while runs < 2 or time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        runs += 1
-    return 2 * n ** 3 * runs / (time.perf_counter() - start)
+            self.bar = None
+            set_progress_bar(None)

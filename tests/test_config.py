@@ -36,7 +36,7 @@ def test_sni_preset_is_nanot5_finetuning():
 def test_overrides_are_typed_and_applied_after_preset_and_file(tmp_path):
     f = tmp_path / "my.yaml"
     f.write_text("optim:\n  base_lr: 0.01\n  total_steps: 100\nmodel:\n  overwrite:\n    num_layers: 3\n")
-    cfg = load_config(["preset=nanot5-base", f"config={f}", "optim.total_steps=50", "model.overwrite.d_ff=64",
+    cfg = load_config(["preset=nanot5-base", f"config={f}", "optim.total_steps=50", "optim.warmup_steps=5", "model.overwrite.d_ff=64",
                        "precision=no", "model.compile=false"])
     assert cfg.optim.base_lr == 0.01 and cfg.optim.total_steps == 50
     assert cfg.model.overwrite == {"dropout_rate": 0.0, "num_layers": 3, "d_ff": 64}

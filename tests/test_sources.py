@@ -296,7 +296,8 @@ def test_prepare_demo_without_apt_names_the_alternatives(tmp_path, monkeypatch):
         demo.prepare_demo(tmp_path / "demo")
     message = str(err.value)
     assert "apt-get" in message and "data.source=c4" in message and "hf:NAME" in message and ".jsonl" in message
-    assert demo.data_prepare_main(["demo", "--out", str(tmp_path / "demo")]) == 1
+    with pytest.raises(DataError, match="apt-get"):
+        demo.data_prepare_main(["demo", f"out={tmp_path / 'demo'}"])
 
 
 @pytest.mark.slow

@@ -137,7 +137,7 @@ def test_corrupt_checkpoint_is_skipped_by_auto_refused_by_path_and_never_overwri
     ok = run_cli(tiny_args(test_data, run, "optim.total_steps=6", "checkpoint.every_steps=2",
                            "eval.every_steps=100", "resume=auto"))
     assert ok.returncode == 0, ok.stderr + ok.stdout
-    assert "skipping unusable checkpoint" in ok.stdout and "step_0000002" in ok.stdout
+    assert "skipping unusable checkpoint" in ok.stderr and "resumed from" in ok.stdout and "step_0000002" in ok.stdout
     kept = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_0000004.old-")]
     assert len(kept) == 1 and (kept[0] / "model.safetensors").read_bytes() == b"garbage"
 

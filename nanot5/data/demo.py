@@ -337,9 +337,13 @@ def build_corpus(root: Path, out: Path) -> dict:
 def prepare_demo(cache_dir: str | Path | None = None, force: bool = False) -> Path:
     """Build the demo corpus (once) and return its folder (default ~/.cache/nanot5/corpora/demo)."""
     out = Path(cache_dir) if cache_dir else demo_dir()
-    if (out / "meta.json").exists() and not force:
-        print(f"demo corpus already prepared in {out} (use --force to rebuild)", flush=True)
+    ours = _is_demo_corpus(out)
+    if ours and not force:
+        print(f"demo corpus already prepared in {out} (use force=true to rebuild)", flush=True)
         return out
+    if out.exists() and not ours and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not a nanot5 demo corpus; choose an empty or new folder "
+                        "(nanot5 never deletes files it did not write)")
     _require_tools()
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -355,7 +359,7 @@ def prepare_demo(cache_dir: str | Path | None = None, force: bool = False) -> Pa
             meta["packages"] = versions
             (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             staging.chmod(0o755)  # mkdtemp made it private
-            if out.exists():
+            if out.exists():  # an empty folder, or our own corpus being rebuilt (force)
                 shutil.rmtree(out)
             staging.rename(out)
         finally:
@@ -368,10 +372,17 @@ def prepare_demo(cache_dir: str | Path | None = None, force: bool = False) -> Pa
     return out
 
 
+def _is_demo_corpus(path: Path) -> bool:
+    try:
+        return json.loads((path / "meta.json").read_text()).get("name") == "demo"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def demo_tokenizer(vocab_size: int = 8000, force: bool = False) -> Path:
     """A T5-convention tokenizer (vocab_size pieces + 100 sentinels) trained on the demo corpus's train
     split, built once next to the corpus; returns its folder (prepares the corpus if needed)."""
-    corpus = prepare_demo() if not (demo_dir() / "meta.json").exists() else demo_dir()
+    corpus = demo_dir() if _is_demo_corpus(demo_dir()) else prepare_demo()
     out = corpus / f"tokenizer-{vocab_size}"
     if (out / "tokenizer_config.json").exists() and not force:
         return out
@@ -396,17 +407,14 @@ def demo_tokenizer(vocab_size: int = 8000, force: bool = False) -> Path:
 
 
 def data_prepare_main(argv: list[str]) -> int:
-    """`nanot5 data prepare demo [--out DIR] [--force]` (argv starts with the corpus name)."""
+    """`nanot5 data prepare demo [out=DIR] [force=true]` (argv starts with the corpus name)."""
+    from nanot5.config import kv_to_flags
+
     parser = argparse.ArgumentParser(prog="nanot5 data prepare", description="Build a data set.")
     parser.add_argument("corpus", choices=["demo"], help="demo: English prose from Debian's python3-doc and "
                         "linux-doc packages")
     parser.add_argument("--out", default=None, help=f"output folder (default {demo_dir()})")
     parser.add_argument("--force", action="store_true", help="rebuild even if it exists")
-    args = parser.parse_args(argv)
-    try:
-        prepare_demo(args.out, force=args.force)
-    except DataError as e:
-        print(f"error: {e}", flush=True)
-        return 1
+    args = parser.parse_args(kv_to_flags(argv))
+    prepare_demo(args.out, force=args.force)
     return 0
-

@@ -88,6 +88,10 @@ class Source:
         """Small summary stored with loader state to catch a changed source on resume."""
         return {"name": self.name}
 
+    def summary(self) -> str:
+        """One line for the user: what is read (printed at the start of a run)."""
+        return self.name
+
     def _bad(self, kind: str, message: str) -> None:
         """Raise a DataError, or count and skip the record when on_error='skip' (warn once)."""
         if self.on_error == "raise":
@@ -139,6 +143,12 @@ class LocalSource(Source):
 
     def describe(self) -> dict:
         return {"name": self.name, "num_files": len(self.files)}
+
+    def summary(self) -> str:
+        size = sum(f.stat().st_size for f in self.files)
+        shown = ", ".join(str(f) for f in self.files[:3]) + (f", ... ({len(self.files) - 3} more)"
+                                                             if len(self.files) > 3 else "")
+        return f"{len(self.files)} file{'s' if len(self.files) > 1 else ''} ({size / 1e6:.1f} MB): {shown}"
 
     def documents(self, reader_id: int = 0, num_readers: int = 1, *, start: Any = None
                   ) -> Iterator[tuple[Any, str]]:
@@ -350,6 +360,9 @@ class HFSource(Source):
 
     def describe(self) -> dict:
         return {"name": self.name}
+
+    def summary(self) -> str:
+        return f"{self.name} (HF datasets, streamed)"
 
     def _load(self):
         try:

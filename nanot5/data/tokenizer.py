@@ -17,7 +17,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 NUM_SENTINELS = 100
-DEFAULT_TOKENIZER = "google/t5-v1_1-base"
+# Longer texts are tokenized in pieces cut at spaces: the Rust tokenizer keeps per-byte alignments and
+# per-token strings and offsets, ~200 bytes per input character in all, so one 50 MB single-line document
+# encoded whole would take ~10 GB. Pieces keep that bounded (a few MB each); a cut at a space gives the same
+# ids as the whole text with T5's SentencePiece (the space becomes the next piece's word-start marker).
+PIECE_CHARS = 100_000
 
 
 class Tokenizer:
@@ -41,12 +45,29 @@ class Tokenizer:
             self.num_sentinels += 1
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without EOS (batched in Rust)."""
-        return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
+        """Token ids of each text, without EOS (batched in Rust; texts over PIECE_CHARS in bounded pieces)."""
+        if all(len(t) <= PIECE_CHARS for t in texts):
+            return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
+        short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, e in zip(short, self._encode_batch([texts[i] for i in short], add_special_tokens=False)):
+            out[i] = e.ids
+        for i, text in enumerate(texts):
+            if len(text) > PIECE_CHARS:
+                out[i] = self._encode_long(text)
+        return out
+
+    def _encode_long(self, text: str, batch: int = 16) -> list[int]:
+        ids: list[int] = []
+        pieces = _pieces(text, PIECE_CHARS)
+        for k in range(0, len(pieces), batch):
+            for e in self._encode_batch(pieces[k:k + batch], add_special_tokens=False):
+                ids.extend(e.ids)
+        return ids
 
     def encode(self, text: str, *, add_eos: bool = True) -> list[int]:
         """Token ids of one text, with EOS appended by default (T5's convention for model inputs)."""
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        ids = self.encode_batch([text])[0]
         return ids + [self.eos_id] if add_eos else ids
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
@@ -76,6 +97,20 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id}, "
                 f"sentinels={self.num_sentinels})")
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """Cut text into pieces of at most `limit` characters, each cut just before a space when there is one
+    in the second half of the piece (else a hard cut)."""
+    out, start = [], 0
+    while start < len(text):
+        end = start + limit
+        if end < len(text):
+            cut = text.rfind(" ", start + limit // 2, end)
+            end = cut if cut > start else end
+        out.append(text[start:end])
+        start = end
+    return out
 
 
 def _required_id(hf_tokenizer, which: str) -> int:
@@ -181,7 +216,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
 
 
 def tokenizer_main(argv: list[str]) -> int:
-    """`nanot5 tokenizer train --source SPEC --vocab-size N --out DIR [--max-docs K]`."""
+    """`nanot5 tokenizer train source=SPEC vocab_size=N out=DIR [max_docs=K]` (or --source SPEC ... flags)."""
     parser = argparse.ArgumentParser(prog="nanot5 tokenizer", description="Train a T5-style tokenizer.")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("train", help="train a SentencePiece unigram tokenizer with T5 conventions")
@@ -196,7 +231,9 @@ def tokenizer_main(argv: list[str]) -> int:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     p.add_argument("--character-coverage", type=float, default=0.9999)
     p.add_argument("--max-sentences", type=int, default=5_000_000, help="lines sampled for training")
-    args = parser.parse_args(argv)
+    from nanot5.config import kv_to_flags
+
+    args = parser.parse_args(kv_to_flags(argv))
 
     from nanot5.data.sources import open_source
 

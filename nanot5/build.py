@@ -1,0 +1,260 @@
+"""One way to build each piece of a run from its config: tokenizer, model, data, autocast context.
+
+`train.py` and `evaluate.py` both build through here (and never import each other):
+
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, len(tokenizer))
+    data = Data(cfg, tokenizer, env, micro_batch)       # training batches + held-out loader
+    amp = autocast_context(cfg.precision, device)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanot5 import distributed
+from nanot5.checkpoint import load_checkpoint
+from nanot5.config import Config, config_from_dict
+from nanot5.errors import CheckpointError, ConfigError, DataError, NanoT5Error
+from nanot5.log import info
+from nanot5.model import T5, T5Config
+
+
+# ------------------------------------------------------------------ precision
+def autocast_context(precision: str, device: torch.device):
+    """bf16/fp16 autocast (bf16 works on CPU too); fp32 and tf32 run without autocast."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def set_matmul_precision(precision: str, device: torch.device) -> None:
+    if device.type == "cuda":
+        # TF32 for fp32 matmuls unless full fp32 was asked for explicitly
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+# ------------------------------------------------------------------ tokenizer
+def build_tokenizer(cfg: Config):
+    """tokenizer.name: an HF name, a folder, a spiece.model, `demo`, or "" for the one saved with model.name."""
+    from nanot5.data.tokenizer import load_tokenizer
+
+    name = cfg.tokenizer.name or cfg.model.name
+    if name == "demo":
+        from nanot5.data.demo import demo_tokenizer
+
+        return load_tokenizer(demo_tokenizer())
+    if not cfg.tokenizer.name and Path(name).is_dir() and not _has_tokenizer_files(Path(name)):
+        raise ConfigError(f"model.name={name} has no tokenizer files (spiece.model, tokenizer.json or "
+                          "tokenizer_config.json); set tokenizer.name to the tokenizer it was trained with")
+    try:
+        return load_tokenizer(name)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"tokenizer.name={name!r}: {e}") from e
+
+
+def _has_tokenizer_files(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("spiece.model", "tokenizer.json", "tokenizer_config.json"))
+
+
+# ---------------------------------------------------------------------- model
+def model_config(cfg: Config) -> T5Config:
+    """The architecture: a built-in name or an HF config.json, with model.overwrite applied."""
+    name = cfg.model.name
+    overwrite = {**cfg.model.overwrite, "gradient_checkpointing": cfg.model.gradient_checkpointing}
+    try:
+        if name.split("/")[-1] in T5Config.names():
+            return T5Config.from_name(name, **overwrite)
+        return T5Config(**{**T5Config.from_hf(hf_model_dir(name)).to_dict(), **overwrite})
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"model.name={name} / model.overwrite: {e}") from None
+
+
+def hf_model_dir(name: str) -> Path:
+    """A local HF model folder, or a hub name downloaded (when online); ConfigError otherwise."""
+    from nanot5.hf import resolve_dir
+
+    try:
+        return resolve_dir(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name={name}: {e}") from None
+
+
+def build_model(cfg: Config, vocab_size: int) -> T5:
+    """Random init from a built-in/HF config, or weights from an HF directory / nanot5 checkpoint."""
+    mcfg = model_config(cfg)
+    if vocab_size > mcfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but the model's embedding has "
+                          f"{mcfg.vocab_size} rows; set model.overwrite.vocab_size>={vocab_size}")
+    if not cfg.model.random_init:
+        if cfg.model.name.split("/")[-1] in T5Config.names():
+            raise ConfigError(f"model.random_init=false needs weights, but model.name={cfg.model.name!r} is a "
+                              "built-in architecture; give an HF directory or hub name")
+        try:
+            model = T5.from_hf(hf_model_dir(cfg.model.name),
+                               **{k: getattr(mcfg, k) for k in ("dropout_rate", "gradient_checkpointing")})
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"model.name={cfg.model.name}: {e}") from None
+    else:
+        model = T5(mcfg)
+    if cfg.model.checkpoint_path:
+        load_weights(model, Path(cfg.model.checkpoint_path))
+    return model
+
+
+def load_weights(model: T5, path: Path) -> None:
+    """Weights from a nanot5 checkpoint directory or an HF-format directory."""
+    if (path / "meta.json").is_file():
+        state = load_checkpoint(path)["model"]
+    elif (path / "config.json").is_file():
+        from nanot5.hf import from_hf_state_dict, read_hf_weights
+
+        state = from_hf_state_dict(read_hf_weights(path), model.config, source=str(path))
+    else:
+        raise ConfigError(f"model.checkpoint_path={path}: neither a nanot5 checkpoint (meta.json) "
+                          "nor an HF model directory (config.json)")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit this model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+
+
+def load_model_dir(path: str, device) -> tuple[T5, Any]:
+    """A model and its tokenizer (None if the folder has none) from an HF-format folder, a run folder
+    (its final/) or a nanot5 checkpoint."""
+    from nanot5.data.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"model={path}: no such folder")
+    if (p / "final" / "config.json").is_file():  # a run directory
+        p = p / "final"
+    tokenizer = None
+    if (p / "meta.json").is_file():  # a nanot5 checkpoint
+        import yaml
+
+        ckpt = load_checkpoint(p)
+        cfg = config_from_dict(yaml.safe_load(ckpt["config_yaml"]))
+        tokenizer = build_tokenizer(cfg)
+        # the architecture from the checkpoint's config, the weights from the checkpoint itself
+        arch = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=True, checkpoint_path=""))
+        model = build_model(arch, len(tokenizer))
+        model.load_state_dict(ckpt["model"])
+    elif (p / "config.json").is_file():
+        try:
+            model = T5.from_hf(str(p))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"model={path}: {e}") from None
+        if _has_tokenizer_files(p):
+            tokenizer = load_tokenizer(p)
+    else:
+        raise ConfigError(f"model={path}: not an HF model folder (config.json), a run folder (final/) or a "
+                          "nanot5 checkpoint (meta.json)")
+    return model.to(device).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------- data
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs of a batch on `device` (non-blocking from pinned memory)."""
+    keys = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+
+
+class Data:
+    """Training batches and held-out evaluation for one mode; training state via state_dict for resume."""
+
+    def __init__(self, cfg: Config, tokenizer, env: distributed.DistEnv, micro_batch: int,
+                 num_readers: int | None = None):
+        """num_readers: the logical readers of the run being resumed (default: data.num_readers or auto)."""
+        self.cfg, self.env = cfg, env
+        try:
+            if cfg.mode == "pt":
+                self._pretrain(cfg, tokenizer, env, micro_batch, num_readers)
+            else:
+                self._finetune(cfg, tokenizer, env, micro_batch)
+        except NanoT5Error:
+            raise
+        except (ValueError, OSError) as e:  # layout (batch vs readers/workers) and data-file problems
+            raise DataError(f"data: {e}") from None
+        self.iterator = iter(self.train)
+
+    def _pretrain(self, cfg: Config, tokenizer, env, micro_batch: int, num_readers: int | None) -> None:
+        from nanot5.data.loader import PretrainLoader
+        from nanot5.data.span_corruption import compute_lengths, span_counts
+
+        d = cfg.data
+        raw, _ = compute_lengths(d.input_length, d.mlm_probability, d.mean_noise_span_length)
+        spans = span_counts(raw, d.mlm_probability, d.mean_noise_span_length)[1]
+        if spans > tokenizer.num_sentinels:
+            raise ConfigError(f"data.input_length={d.input_length}: span corruption needs {spans} sentinel tokens "
+                              f"per example but tokenizer {tokenizer.name!r} has {tokenizer.num_sentinels}")
+        common = dict(tokenizer=tokenizer, input_length=d.input_length, noise_density=d.mlm_probability,
+                      mean_noise_span_length=d.mean_noise_span_length, text_column=d.text_column,
+                      on_error=d.on_error, rank=env.rank, world_size=env.world_size)
+        self.train = PretrainLoader(source=d.source, split="train", batch_size=micro_batch, seed=cfg.seed,
+                                    num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, infinite=True,
+                                    num_readers=num_readers or d.num_readers or None,
+                                    pin_memory=env.device.type == "cuda", **common)
+        info(f"training data: {self.train.source.summary()}")
+        self.steps_per_epoch = None
+        self.eval_loader = None
+        if cfg.eval.steps > 0:
+            # eval.batch_size is global, like optim.batch_size: every rank takes its share
+            eval_bs = cfg.eval.batch_size // env.world_size if cfg.eval.batch_size else micro_batch
+            if eval_bs < 1:
+                raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} is smaller than the {env.world_size} "
+                                  "processes: every rank needs at least one row")
+            self.eval_loader = PretrainLoader(
+                source=d.validation_source or d.source, split="validation", batch_size=eval_bs, seed=cfg.seed,
+                num_workers=0, shuffle_buffer=0, infinite=False, max_batches=cfg.eval.steps,
+                num_readers=d.num_readers or env.world_size, **common)
+            held = self.eval_loader.source
+            info(f"validation data: {held.summary()}")
+            if getattr(held, "files", None) is not None and held.files == getattr(self.train.source, "files", []):
+                raise ConfigError(f"data.source={d.source} has no separate validation files, so held-out loss would "
+                                  "be measured on the training data; set data.validation_source (or eval.steps=0)")
+
+    def _finetune(self, cfg: Config, tokenizer, env, micro_batch: int) -> None:
+        from nanot5.data.sni import SNIBatches, load_sni
+
+        records = load_sni(cfg.data.sni_dir, "train", split=cfg.data.sni_split,
+                           max_num_instances_per_task=cfg.data.max_num_instances_per_task)
+        self.train = SNIBatches(records, sni_collator(cfg, tokenizer, seed=cfg.seed + env.rank),
+                                batch_size=micro_batch, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+        self.steps_per_epoch = len(self.train) // cfg.optim.grad_acc
+        self.eval_loader = None
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return next(self.iterator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.train.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train.load_state_dict(state)
+        self.iterator = iter(self.train)
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the data states of a run with a different number of processes."""
+        if not hasattr(self.train, "load_resharded_state"):  # SNI batches follow the global order already
+            raise CheckpointError(f"this data pipeline cannot resume from a checkpoint written by {len(states)} "
+                                  f"processes with {self.env.world_size}; resume with {len(states)}")
+        self.train.load_resharded_state(states)
+        self.iterator = iter(self.train)
+
+
+def sni_collator(cfg: Config, tokenizer, seed: int):
+    from nanot5.data.sni import SNICollator
+
+    d = cfg.data
+    return SNICollator(tokenizer.hf, max_source_length=d.max_seq_len, max_target_length=d.max_target_len,
+                       add_task_name=d.add_task_name, add_task_definition=d.add_task_definition,
+                       num_pos_examples=d.num_pos_examples, num_neg_examples=d.num_neg_examples,
+                       add_explanation=d.add_explanation, tk_instruct=d.tk_instruct, seed=seed)
