@@ -116,17 +116,22 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         _check_choice("data.on_error", self.on_error, ("raise", "skip"))
         if self.source != "sni":  # span corruption must be possible at this length (fine-tuning skips it)
-            from nanot5.data.span_corruption import compute_lengths, span_counts
+            import numpy as np
+
+            from nanot5.data.span_corruption import compute_lengths, random_spans_noise_mask, span_counts
 
             try:
                 raw, _ = compute_lengths(self.input_length, self.mlm_probability, self.mean_noise_span_length)
                 _, spans = span_counts(raw, self.mlm_probability, self.mean_noise_span_length)
+                random_spans_noise_mask(raw, self.mlm_probability, self.mean_noise_span_length, batch=1,
+                                        rng=np.random.default_rng(0))  # raises where no mask exists
             except ValueError as e:
                 raise ConfigError(f"data.input_length={self.input_length} with data.mlm_probability="
                                   f"{self.mlm_probability}: span corruption is impossible ({e})") from None
             if spans > MAX_SENTINELS:
                 raise ConfigError(
-                    f"data.input_length={self.input_length}: span corruption would need {spans} sentinel tokens "
+                    f"data.input_length={self.input_length} with data.mlm_probability={self.mlm_probability}: "
+                    f"span corruption would need {spans} sentinel tokens "
                     f"per example, more than a T5 tokenizer's {MAX_SENTINELS}; lower data.input_length or raise "
                     "data.mean_noise_span_length")
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanot5 import faults
 from nanot5.data.sources import DataError, Source, open_source
 from nanot5.data.span_corruption import compute_lengths, span_corrupt, span_counts
 from nanot5.data.tokenizer import Tokenizer, load_tokenizer
@@ -351,7 +352,9 @@ class PretrainLoader:
         # step is complete once every worker sent its part or said it is done (finite passes only).
         pending: dict[int, dict[int, tuple[dict, dict]]] = {}  # step -> worker -> (batch, states)
         done: set[int] = set()
-        for item in loader:
+        items = iter(loader)  # starts the worker processes
+        faults.point("workers")
+        for item in items:
             meta = item.pop("_meta")
             w = meta["worker"]
             self._skipped[w] = meta["skipped"]
