@@ -49,7 +49,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup(device: str = "auto") -> DistEnv:
+def init(device: str = "auto") -> DistEnv:
     """Read torchrun's environment and join the process group (once)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

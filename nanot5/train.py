@@ -101,7 +101,7 @@ def setup(cfg: Config) -> Run:
     from nanot5.runtime import tune_cpu_runtime
 
     tune_cpu_runtime()
-    env = distributed.setup(cfg.device)
+    env = distributed.init(cfg.device)
     set_matmul_precision(cfg.precision, env.device)
     micro = micro_batch_size(cfg, env.world_size)
     path = distributed.broadcast_object(str(RunDir.resolve(cfg.run.dir)) if env.is_main else None)

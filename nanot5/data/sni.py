@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 SNI_REPO_URL = "https://github.com/allenai/natural-instructions"
-_PUNCTUATION = frozenset(string.punctuation)
 
 # Tk-Instruct's random-encoding mode (`tk_instruct=True`): each instance draws one of these prompt layouts.
 TK_INSTRUCT_ENCODINGS: tuple[dict[str, Any], ...] = (
@@ -184,7 +183,7 @@ def load_sni(
 
 def _end_sentence(text: str) -> str:
     # Tk-Instruct ends every field with a period unless it already ends with ASCII punctuation.
-    return text if text and text[-1] in _PUNCTUATION else text + "."
+    return text if text and text[-1] in string.punctuation else text + "."
 
 
 def _example_block(kind: str, number: int, ex: dict[str, str], add_explanation: bool) -> str:
