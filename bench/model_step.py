@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from nanot5.hf import config_to_hf, from_hf_state_dict  # noqa: E402
 from nanot5.model import T5, T5Config, flops_per_step  # noqa: E402
+from nanot5.hardware import measure_matmul_peak  # noqa: E402
 from nanot5.runtime import tune_cpu_runtime  # noqa: E402
 
 MODELS = ("ours", "hf_sdpa", "hf_eager")
@@ -112,26 +113,9 @@ def train_step(model: torch.nn.Module, batch: dict, bf16: bool) -> float:
 
 
 # ------------------------------------------------------------------ peak
-def matmul_peak(bf16: bool, n: int = 2048, reps: int = 5) -> float:
-    """Best GFLOP/s of an n x n x n matmul: fp32 via MKL (torch.mm) and oneDNN, bf16 via torch.mm."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    fns = []
-    if bf16:
-        a, b = a.bfloat16(), b.bfloat16()
-        fns.append(lambda: torch.mm(a, b))
-    else:
-        fns.append(lambda: torch.mm(a, b))
-        if torch.backends.mkldnn.is_available():  # y = a @ b.T through oneDNN, exact fp32
-            fns.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
-    best = 0.0
-    for fn in fns:
-        fn()
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
+def matmul_peak(bf16: bool) -> float:
+    """Best GFLOP/s of a 2048^3 matmul in the step's dtype (nanot5.hardware: the MFU denominator of training logs)."""
+    return measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32) / 1e9
 
 
 # ------------------------------------------------------------------ memory

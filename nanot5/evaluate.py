@@ -12,7 +12,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F

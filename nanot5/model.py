@@ -12,7 +12,7 @@ C d_model, F d_ff, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +103,6 @@ class T5Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "T5Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown T5Config keys: {unknown}")
-        return cls(**d)
 
 
 _V11 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=64)
