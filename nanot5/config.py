@@ -389,9 +389,19 @@ def load_preset(name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     data = read_yaml(path)
     base = data.pop("inherit", None)  # a preset may build on another one
+    data.pop("sweep", None)  # a grid for `nanot5 sweep` (see preset_sweep); not part of a run's config
     tree = load_preset(base) if base else {}
     _merge(tree, data)
     return tree
+
+
+def preset_sweep(name: str) -> dict[str, list]:
+    """The `sweep:` grid of a preset ({dotted key: [values]}), empty if it has none (inherited too)."""
+    data = read_yaml(PRESET_DIR / f"{name}.yaml") if (PRESET_DIR / f"{name}.yaml").is_file() else {}
+    grid = preset_sweep(data["inherit"]) if data.get("inherit") else {}
+    for key, values in (data.get("sweep") or {}).items():
+        grid[key] = values if isinstance(values, list) else [values]
+    return grid
 
 
 # nanoT5 command-line keys whose meaning does not carry over: accepted so its command lines still run.
