@@ -27,6 +27,9 @@ OPTIMIZERS = ("adamwscale", "adafactor", "adamw")
 SCHEDULERS = ("cosine", "legacy", "constant", "linear")
 PRECISIONS = ("fp32", "bf16", "tf32", "fp16")
 MODES = ("pt", "ft")
+OBJECTIVES = ("span", "ul2", "prefix_lm")  # nanot5.data.loader.OBJECTIVES
+# UL2's seven denoisers (Tay et al. 2022, sec. 3.1.2), 40% R / 40% X / 20% S: nanot5.data.denoisers.DEFAULT_UL2_MIXTURE
+UL2_MIXTURE = "R:3:0.15:0.2,R:8:0.15:0.2,X:3:0.5:0.1,X:8:0.5:0.1,X:64:0.15:0.1,X:64:0.5:0.1,S:0.5:0.2"
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -75,6 +78,9 @@ class DataConfig:
     input_length: int = 512
     mlm_probability: float = 0.15
     mean_noise_span_length: float = 3.0
+    objective: str = "span"  # span: T5 span corruption | ul2: UL2 mixture of denoisers (ul2_mixture) | prefix_lm
+    ul2_mixture: str = UL2_MIXTURE  # objective=ul2: comma-separated R|X:MEAN_SPAN:RATE:WEIGHT and S:RATE:WEIGHT
+    ul2_mode_tokens: bool = True  # objective=ul2: prepend [NLU]/[NLG]/[S2S] to R/X/S inputs (added to the tokenizer)
     num_workers: int = 2
     # logical readers (shards of the corpus) over all processes; 0: world_size * max(1, num_workers).
     # Fix it to get the same batches, and exact resume, with any number of processes and workers.
@@ -103,6 +109,13 @@ class DataConfig:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         _check_choice("data.on_error", self.on_error, ("raise", "skip"))
+        _check_choice("data.objective", self.objective, OBJECTIVES)
+        from nanot5.data.denoisers import parse_mixture  # numpy: only when a config is built
+
+        try:
+            parse_mixture(self.ul2_mixture)
+        except ValueError as e:
+            raise ConfigError(f"data.ul2_mixture: {e}") from None
 
 
 @dataclass(frozen=True)
