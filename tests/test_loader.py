@@ -475,3 +475,13 @@ def test_ul2_state_and_tokenizer_must_match(c4_path, tok, ul2_tok):
     assert next(iter(no_modes))["input_ids"].max() < 32100
     with pytest.raises(ValueError, match="objective 'bert' is not one of span, ul2, prefix_lm"):
         make(c4_path, tok, objective="bert")
+
+
+def test_inputs_are_exactly_input_length_at_density_half(c4_path, tok):
+    """T5's density-0.5 rule shortens the window by one token, which at input_length 19 (mean span 3) leaves
+    18 input tokens; the loader keeps the window that fills all 19 (its targets are then 19 + 1 wide)."""
+    assert compute_lengths(19, 0.5, 3.0) == (26, 18)  # 26 - 13 noise + 4 spans + EOS = 18 inputs
+    loader = make(c4_path, tok, input_length=19, noise_density=0.5, shuffle_buffer=0)
+    batch = next(iter(loader))
+    assert loader.raw_length == 27 and batch["input_ids"].shape == (8, 19) and batch["labels"].shape == (8, 20)
+    assert [len(r) for r in merge(batch["input_ids"], batch["labels"], 32099, 1)] == [27] * 8
