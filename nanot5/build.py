@@ -50,14 +50,20 @@ def build_tokenizer(cfg: Config):
     if name == "demo":
         from nanot5.data.demo import demo_tokenizer
 
-        return load_tokenizer(demo_tokenizer())
-    if not cfg.tokenizer.name and Path(name).is_dir() and not _has_tokenizer_files(Path(name)):
-        raise ConfigError(f"model.name={name} has no tokenizer files (spiece.model, tokenizer.json or "
-                          "tokenizer_config.json); set tokenizer.name to the tokenizer it was trained with")
-    try:
-        return load_tokenizer(name)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"tokenizer.name={name!r}: {e}") from e
+        tokenizer = load_tokenizer(demo_tokenizer())
+    else:
+        if not cfg.tokenizer.name and Path(name).is_dir() and not _has_tokenizer_files(Path(name)):
+            raise ConfigError(f"model.name={name} has no tokenizer files (spiece.model, tokenizer.json or "
+                              "tokenizer_config.json); set tokenizer.name to the tokenizer it was trained with")
+        try:
+            tokenizer = load_tokenizer(name)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"tokenizer.name={name!r}: {e}") from e
+    if cfg.mode == "pt" and cfg.data.objective == "ul2" and cfg.data.ul2_mode_tokens:
+        from nanot5.data.denoisers import add_mode_tokens  # [NLU] [NLG] [S2S] after the sentinels
+
+        tokenizer = add_mode_tokens(tokenizer, model_vocab_size=model_config(cfg).vocab_size)
+    return tokenizer
 
 
 def _has_tokenizer_files(path: Path) -> bool:
@@ -201,11 +207,13 @@ class Data:
         self.train = PretrainLoader(source=d.source, split="train", batch_size=micro_batch, seed=cfg.seed,
                                     num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, infinite=True,
                                     num_readers=num_readers or d.num_readers or None,
+                                    objective=d.objective, mixture=d.ul2_mixture, mode_tokens=d.ul2_mode_tokens,
                                     pin_memory=env.device.type == "cuda", **common)
         info(f"training data: {self.train.source.summary()}")
         self.steps_per_epoch = None
         self.eval_loader = None
         if cfg.eval.steps > 0:
+            # held-out loss is always plain span corruption, comparable across objectives;
             # eval.batch_size is global, like optim.batch_size: every rank takes its share
             eval_bs = cfg.eval.batch_size // env.world_size if cfg.eval.batch_size else micro_batch
             if eval_bs < 1:

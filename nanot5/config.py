@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from nanot5.data.denoisers import DEFAULT_UL2_MIXTURE, OBJECTIVES, parse_mixture
 from nanot5.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
@@ -89,6 +90,9 @@ class DataConfig:
     input_length: int = 512  # encoder tokens per example (pre-training: after span corruption)
     mlm_probability: float = 0.15  # share of tokens masked by span corruption (noise density)
     mean_noise_span_length: float = 3.0  # mean length of a masked span
+    objective: str = "span"  # span: T5 span corruption | ul2: UL2 mixture of denoisers (ul2_mixture) | prefix_lm
+    ul2_mixture: str = DEFAULT_UL2_MIXTURE  # objective=ul2: comma-separated R|X:MEAN_SPAN:RATE:WEIGHT and S:RATE:WEIGHT
+    ul2_mode_tokens: bool = True  # objective=ul2: prepend [NLU]/[NLG]/[S2S] to R/X/S inputs (added to the tokenizer)
     num_workers: int = 2  # DataLoader worker processes per rank (0: read in the main process)
     num_readers: int = 0  # logical corpus readers over all ranks; fix it for equal batches across world sizes (0: auto)
     shuffle_buffer: int = 10_000  # windows shuffled together per reader (0: keep document order)
@@ -115,6 +119,11 @@ class DataConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         _check_choice("data.on_error", self.on_error, ("raise", "skip"))
+        _check_choice("data.objective", self.objective, OBJECTIVES)
+        try:
+            parse_mixture(self.ul2_mixture)
+        except ValueError as e:
+            raise ConfigError(f"data.ul2_mixture: {e}") from None
         if self.source != "sni":  # span corruption must be possible at this length (fine-tuning skips it)
             import numpy as np
 

@@ -207,7 +207,8 @@ def check_compatible(cfg: Config, resume: dict[str, Any]) -> None:
     """The checkpoint must come from the same model, data and optimizer setup."""
     saved = config_from_dict(yaml.safe_load(resume["config_yaml"]))
     for key in ("mode", "model.name", "model.overwrite", "tokenizer.name", "data.source", "data.input_length",
-                "data.mlm_probability", "data.mean_noise_span_length", "optim.name", "optim.batch_size",
+                "data.mlm_probability", "data.mean_noise_span_length", "data.objective", "data.ul2_mixture",
+                "data.ul2_mode_tokens", "optim.name", "optim.batch_size",
                 "optim.grad_acc", "seed"):
         a, b = _get(saved, key), _get(cfg, key)
         if a != b:

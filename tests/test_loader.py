@@ -348,3 +348,140 @@ def test_too_little_data_for_a_window(tmp_path, tok):
     path.write_text('{"text": "just a few words"}\n')
     with pytest.raises(DataError, match="less than one window"):
         next(iter(make(path, tok)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# UL2's mixture of denoisers (objective=ul2) and prefix LM: the same guarantees with one raw length per denoiser
+
+
+@pytest.fixture(scope="module")
+def ul2_tok(tok):
+    from nanot5.data.denoisers import add_mode_tokens
+
+    return add_mode_tokens(tok)
+
+
+def ul2_rows(batches: list[dict], mix) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(kind, denoiser raw length, raw window) of every row, by undoing its denoiser (test_denoisers.undo)."""
+    from tests.test_denoisers import undo
+
+    rows = []
+    for b in batches:
+        assert b["input_ids"].shape[1] == INPUT_LENGTH and b["labels"].shape[1] == mix.target_length
+        for inp, lab in zip(b["input_ids"].tolist(), b["labels"].tolist(), strict=True):
+            kind, raw, _ = undo(inp, lab)
+            rows.append((kind, len(raw), tuple(raw)))
+    return rows
+
+
+def test_ul2_batches_are_denoised_windows_of_the_packed_stream(c4_path, c4_docs, ul2_tok):
+    """Without a shuffle, the rows given back by undoing each row's denoiser are consecutive pieces of the
+    packed stream, and the k-th window has the raw length and mode token of the k-th denoiser drawn for
+    its block (generator seeded by (seed, reader 0, 2, block); blocks of 64 windows)."""
+    loader = make(c4_path, ul2_tok, objective="ul2", shuffle_buffer=0, infinite=False, max_batches=12)
+    mix = loader.mixture
+    assert loader.raw_length is None and loader.target_length == mix.target_length == 63
+    rows = ul2_rows(list(loader), mix)
+    assert len(rows) == 96
+    stream = [t for ids in ul2_tok.encode_batch(c4_docs[:60]) for t in ids + [ul2_tok.eos_id]]
+    assert [t for _, _, raw in rows for t in raw] == stream[:sum(n for _, n, _ in rows)]
+    kinds = np.concatenate([mix.draw(np.random.default_rng([1234, 0, 2, b]), 64) for b in range(2)])[:96]
+    assert [(kind, n) for kind, n, _ in rows] == [(mix.denoisers[k].kind, int(mix.raw_lengths[k])) for k in kinds]
+    assert {kind for kind, _, _ in rows} == {"R", "X", "S"}
+
+
+def test_prefix_lm_objective(c4_path, c4_docs, tok):
+    """objective=prefix_lm: no mode token, inputs = input_length - 1 tokens + EOS, targets the next
+    input_length - 1 tokens + EOS; the tokenizer needs neither mode tokens nor (here) anything else."""
+    from tests.test_denoisers import undo
+
+    loader = make(c4_path, tok, objective="prefix_lm", shuffle_buffer=0, infinite=False, max_batches=2)
+    assert (loader.raw_length, loader.target_length) == (2 * (INPUT_LENGTH - 1), INPUT_LENGTH)
+    batches = list(loader)
+    rows = [undo(i, l, kind="S", mode=False)[1] for b in batches
+            for i, l in zip(b["input_ids"].tolist(), b["labels"].tolist())]
+    assert [tuple(r) for r in rows] == windows_of(c4_docs[:30], tok, 2 * (INPUT_LENGTH - 1))[:16]
+    assert all((b["labels"] != -100).all() for b in batches)  # one denoiser: no padding
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(2, 0), (1, 2)])
+def test_ul2_global_batches_do_not_depend_on_ranks_or_workers(c4_path, ul2_tok, world_size, num_workers):
+    kw = dict(num_readers=4, shuffle_buffer=16, objective="ul2")
+    reference = global_batches(c4_path, ul2_tok, world_size=1, steps=5, **kw)
+    assert len(reference) == 5 and all(b["labels"].shape == (GLOBAL, 63) for b in reference)
+    got = global_batches(c4_path, ul2_tok, world_size=world_size, num_workers=num_workers, steps=5, **kw)
+    assert_same_batches(got, reference)
+
+
+@pytest.mark.parametrize(("num_workers", "resume_workers"), [(0, 0), (2, 0)])
+def test_ul2_resume_gives_the_uninterrupted_stream(c4_path, ul2_tok, num_workers, resume_workers):
+    """Blocks of 5 windows of different raw lengths, sub-batches of 2 straddling them: resuming re-reads the
+    block and re-draws its denoisers, landing on the same rows."""
+    kw = dict(num_readers=4, shuffle_buffer=5, objective="ul2")
+    k = 7
+    reference = list(itertools.islice(make(c4_path, ul2_tok, num_workers=num_workers, **kw), k + 4))
+    first = make(c4_path, ul2_tok, num_workers=num_workers, **kw)
+    it = iter(first)
+    assert_same_batches([next(it) for _ in range(k)], reference[:k])
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    assert state["config"]["objective"] == "ul2" and state["config"]["mixture"] == first.mixture.spec
+    resumed = make(c4_path, ul2_tok, num_workers=resume_workers, **kw)
+    resumed.load_state_dict(state)
+    assert_same_batches(list(itertools.islice(resumed, 4)), reference[k:])
+
+
+def test_ul2_resume_at_every_step_across_epochs(small_corpus, ul2_tok):
+    kw = dict(shuffle_buffer=6, batch_size=4, num_readers=2, objective="ul2")
+    loader = make(small_corpus, ul2_tok, **kw)
+    stream, states = [], []
+    for batch in itertools.islice(loader, 12):
+        stream.append(batch)
+        states.append(loader.state_dict())
+    assert loader.epoch >= 2
+    for k in range(0, len(stream) - 2, 3):
+        resumed = make(small_corpus, ul2_tok, **kw)
+        resumed.load_state_dict(states[k])
+        assert_same_batches(list(itertools.islice(resumed, 2)), stream[k + 1:k + 3])
+
+
+def test_ul2_mode_token_shares_over_batches(c4_path, ul2_tok):
+    """Over 2,048 rows of a 4-reader stream the mode tokens [NLU]/[NLG]/[S2S] come in the configured shares
+    40% / 40% / 20% (chi-square, 2 degrees of freedom, z < 4.5)."""
+    from tests.test_denoisers import MODE_IDS, wilson_hilferty_z
+
+    loader = make(c4_path, ul2_tok, objective="ul2", num_readers=4, batch_size=32, shuffle_buffer=64)
+    first = torch.cat([b["input_ids"][:, 0] for b in itertools.islice(loader, 64)])
+    counts = np.array([(first == MODE_IDS[k]).sum().item() for k in "RXS"])
+    assert counts.sum() == 2048
+    expected = 2048 * np.array([0.4, 0.4, 0.2])
+    assert wilson_hilferty_z(float(((counts - expected) ** 2 / expected).sum()), 2) < 4.5, counts
+
+
+def test_ul2_state_and_tokenizer_must_match(c4_path, tok, ul2_tok):
+    span_state = make(c4_path, ul2_tok).state_dict()
+    ul2 = make(c4_path, ul2_tok, objective="ul2")
+    with pytest.raises(ValueError, match="objective was 'span' in the checkpoint, now 'ul2'"):
+        ul2.load_state_dict(span_state)
+    with pytest.raises(ValueError, match="objective was 'ul2' in the checkpoint, now 'span'"):
+        make(c4_path, ul2_tok).load_state_dict(ul2.state_dict())
+    with pytest.raises(ValueError, match="mixture was 'R:3:0.15:0.2,"):
+        make(c4_path, ul2_tok, objective="ul2", mixture="R:3:0.15:1,S:0.5:1").load_state_dict(ul2.state_dict())
+    legacy = {**span_state, "config": {k: v for k, v in span_state["config"].items() if k != "objective"}}
+    make(c4_path, ul2_tok).load_state_dict(legacy)  # states saved before objectives existed: span corruption
+    with pytest.raises(ValueError, match="has no UL2 mode tokens"):
+        make(c4_path, tok, objective="ul2")
+    no_modes = make(c4_path, tok, objective="ul2", mode_tokens=False, mixture="R:3:0.15:1,X:8:0.5:1")
+    assert next(iter(no_modes))["input_ids"].max() < 32100
+    with pytest.raises(ValueError, match="objective 'bert' is not one of span, ul2, prefix_lm"):
+        make(c4_path, tok, objective="bert")
+
+
+def test_inputs_are_exactly_input_length_at_density_half(c4_path, tok):
+    """T5's density-0.5 rule shortens the window by one token, which at input_length 19 (mean span 3) leaves
+    18 input tokens; the loader keeps the window that fills all 19 (its targets are then 19 + 1 wide)."""
+    assert compute_lengths(19, 0.5, 3.0) == (26, 18)  # 26 - 13 noise + 4 spans + EOS = 18 inputs
+    loader = make(c4_path, tok, input_length=19, noise_density=0.5, shuffle_buffer=0)
+    batch = next(iter(loader))
+    assert loader.raw_length == 27 and batch["input_ids"].shape == (8, 19) and batch["labels"].shape == (8, 20)
+    assert [len(r) for r in merge(batch["input_ids"], batch["labels"], 32099, 1)] == [27] * 8

@@ -1,9 +1,9 @@
-"""Pre-training batches: documents -> tokens -> raw windows -> shuffle -> T5 span corruption.
+"""Pre-training batches: documents -> tokens -> raw windows -> shuffle -> T5 span corruption (or UL2's denoisers).
 
 The stream is cut into R *logical readers* (`num_readers`), a number fixed for a run and independent of
 how many processes and DataLoader workers read it. Reader j reads documents j, j+R, j+2R, ...
 (`source.documents(j, R)`), turns them into a token stream (EOS after every document, as nanoT5 and T5
-do), cuts it into raw_length windows, shuffles them in fixed *blocks* of `shuffle_buffer` windows with a
+do), cuts it into raw windows, shuffles them in fixed *blocks* of `shuffle_buffer` windows with a
 permutation seeded by (seed, j, block), and emits *sub-batches* of S = global_batch / R windows, each
 span-corrupted with a generator seeded by (seed, j, sub-batch index). Nothing depends on the rank or
 the worker, so:
@@ -22,6 +22,13 @@ document position and a token offset into that document), so the whole state of 
 integers: that start, the block index, how many windows of the block were already emitted and the
 sub-batch counter. Resuming re-reads one block (at most shuffle_buffer windows) per reader and lands on
 exactly the sub-batch the uninterrupted stream would have produced next.
+
+Objectives (denoisers.py): with span corruption every window has one raw length. With UL2's mixture of
+denoisers (or prefix LM) each denoiser needs its own raw length, so the denoiser of every window of a block is
+drawn first, from a generator seeded by (seed, j, block), in stream order: the block is then cut into windows
+of those lengths, shuffled with its windows' denoisers, and each sub-batch applies every window's own denoiser
+(rows of a denoiser together, vectorised; targets padded with -100 to the mixture's widest target). A block is
+still a pure function of where it starts, so the state, the resume and the layout guarantees are unchanged.
 
 The tail of an epoch shorter than a window is dropped; the next epoch starts a new pass over the same
 documents (reshuffled, since block indices keep counting). In a finite pass (evaluation) a reader's last
@@ -44,7 +51,7 @@ import torch
 
 from nanot5 import faults
 from nanot5.data.sources import DataError, Source, open_source
-from nanot5.data.span_corruption import compute_lengths, span_corrupt, span_counts
+from nanot5.data.denoisers import DEFAULT_UL2_MIXTURE, OBJECTIVES, Denoiser, Mixture, mode_token_ids
 from nanot5.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanot5.data")
@@ -54,7 +61,9 @@ MIN_BLOCK_WINDOWS = 64  # without a shuffle, blocks only bound what a resume re-
 STATE_VERSION = 2  # 2: per logical reader ({reader_id: state}) and a global step; 1 was per (rank, worker)
 PER_RANK_KEYS = ("batch_size", "rank", "world_size")  # may change between runs when resharding
 
+
 Batch = tuple[np.ndarray, np.ndarray]  # (inputs (B, input_length), targets (B, target_length))
+Part = tuple[np.ndarray, np.ndarray, np.ndarray]  # a block's (tokens, window starts, window denoisers) slice
 
 
 def _initial_state() -> dict:
@@ -127,44 +136,46 @@ class _TokenStream:
 class _Pipeline:
     """Everything a logical reader needs to produce sub-batches; picklable, shared with worker processes."""
 
-    def __init__(self, source: Source, tokenizer: Tokenizer, *, num_readers: int, raw_length: int,
-                 sub_batch: int, noise_density: float, mean_noise_span_length: float, seed: int,
-                 shuffle_buffer: int, infinite: bool, docs_per_chunk: int):
+    def __init__(self, source: Source, tokenizer: Tokenizer, *, num_readers: int, mixture: Mixture,
+                 sub_batch: int, seed: int, shuffle_buffer: int, infinite: bool, docs_per_chunk: int):
         self.source, self.tokenizer, self.num_readers = source, tokenizer, num_readers
-        self.raw_length, self.sub_batch = raw_length, sub_batch
-        self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
+        self.mixture, self.sub_batch = mixture, sub_batch
         self.seed, self.shuffle_buffer, self.infinite = seed, shuffle_buffer, infinite
         self.docs_per_chunk = docs_per_chunk
-        self.sentinel_id = tokenizer.sentinel_id(0)
         # without a shuffle the window order does not depend on the block size: blocks only bound a resume
         self.block_windows = shuffle_buffer if shuffle_buffer > 0 else max(sub_batch, MIN_BLOCK_WINDOWS)
 
     def sub_batches(self, reader_id: int, state: dict) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
         """Reader `reader_id`'s stream from `state`: yield (inputs (S, input_length), targets (S, target_length),
         the reader's state after this sub-batch). The last sub-batch of a finite stream may have fewer rows."""
-        raw, S, R = self.raw_length, self.sub_batch, self.num_readers
+        S, R, N = self.sub_batch, self.num_readers, self.block_windows
         st = dict(state)
         cur = {k: st[k] for k in ("epoch", "pos", "offset", "block")}
         taken, nbatch = st["taken"], st["batch"]
         stream, windows_this_epoch = None, 0
-        pending: list[np.ndarray] = []  # windows waiting for a full sub-batch
+        pending: list[Part] = []  # windows waiting for a full sub-batch
         pending_n = 0
         while True:
             if stream is None:
                 windows_this_epoch = 0 if cur["pos"] is None else -1  # -1: resumed mid-epoch, unknown
                 stream = _TokenStream(self.source, self.tokenizer, reader_id, R, cur["pos"], cur["offset"],
                                       self.docs_per_chunk)
-            tokens = stream.take(self.block_windows * raw)
-            nwin = len(tokens) // raw
-            windows = tokens[: nwin * raw].reshape(nwin, raw)  # (nwin, raw)
+            # the denoiser of each window of the block, in stream order, decides how long the window is
+            kinds = self.mixture.draw(np.random.default_rng([self.seed, reader_id, 2, cur["block"]]), N)  # (N,)
+            lengths = self.mixture.raw_lengths[kinds]  # (N,)
+            ends = np.cumsum(lengths)  # (N,)
+            tokens = stream.take(int(ends[-1]))
+            nwin = int(np.searchsorted(ends, len(tokens), side="right"))  # whole windows in the block
+            kinds, starts = kinds[:nwin], ends[:nwin] - lengths[:nwin]  # (nwin,) each
             if self.shuffle_buffer > 0:
                 perm_rng = np.random.default_rng([self.seed, reader_id, 0, cur["block"]])
-                windows = windows[perm_rng.permutation(nwin)]
-            if len(tokens) < self.block_windows * raw:  # the reader's documents ran out: epoch over
+                order = perm_rng.permutation(nwin)
+                kinds, starts = kinds[order], starts[order]
+            if len(tokens) < ends[-1]:  # the reader's documents ran out: epoch over
                 nxt = {"epoch": cur["epoch"] + 1, "pos": None, "offset": 0, "block": cur["block"] + 1}
                 if windows_this_epoch == 0 and nwin == 0:
                     raise DataError(f"{self.source.name}: reader {reader_id} of {R} got less than one window "
-                                    f"({raw} tokens) from a whole epoch; use more data, fewer readers "
+                                    f"({lengths[0]} tokens) from a whole epoch; use more data, fewer readers "
                                     "(num_readers) or a shorter input_length")
                 self.source.log_skipped()
                 stream = None
@@ -176,26 +187,31 @@ class _Pipeline:
             i = taken
             while i < nwin:
                 k = min(S - pending_n, nwin - i)
-                pending.append(windows[i:i + k])
+                pending.append((tokens, starts[i:i + k], kinds[i:i + k]))
                 pending_n += k
                 i += k
                 if pending_n == S:
                     after = {**cur, "taken": i} if i < nwin else {**nxt, "taken": 0}
-                    yield self._corrupt(np.concatenate(pending), reader_id, nbatch) + ({**after, "batch": nbatch + 1},)
+                    yield self._denoise(pending, reader_id, nbatch) + ({**after, "batch": nbatch + 1},)
                     nbatch += 1
                     pending, pending_n = [], 0
             cur, taken = nxt, 0
             if stream is None and not self.infinite:
                 if pending_n:  # the short last sub-batch of a finite stream
-                    yield self._corrupt(np.concatenate(pending), reader_id, nbatch) + (
-                        {**cur, "taken": 0, "batch": nbatch + 1},)
+                    yield self._denoise(pending, reader_id, nbatch) + ({**cur, "taken": 0, "batch": nbatch + 1},)
                 return
 
-    def _corrupt(self, windows: np.ndarray, reader_id: int, batch_index: int) -> Batch:
+    def _denoise(self, parts: list[Part], reader_id: int, batch_index: int) -> Batch:
+        """Cut the sub-batch's windows out of their blocks, rows of one denoiser together, and denoise them."""
+        kinds = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]  # (S,)
+        windows = {}  # denoiser -> (rows, its raw length)
+        for k in (np.unique(kinds).tolist() if len(self.mixture) > 1 else [0]):
+            span = np.arange(self.mixture.raw_lengths[k])
+            rows = [tok[(starts if len(self.mixture) == 1 else starts[kk == k])[:, None] + span]
+                    for tok, starts, kk in parts]
+            windows[k] = np.concatenate(rows) if len(rows) > 1 else rows[0]
         rng = np.random.default_rng([self.seed, reader_id, 1, batch_index])
-        return span_corrupt(windows, noise_density=self.noise_density,
-                            mean_noise_span_length=self.mean_noise_span_length,
-                            sentinel_id=self.sentinel_id, eos_id=self.tokenizer.eos_id, rng=rng)
+        return self.mixture.apply(kinds, windows, rng)
 
     def steps(self, reader_ids: Sequence[int], states: dict[int, dict]
               ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, dict]]]:
@@ -251,13 +267,20 @@ def _identity(x):
 
 
 class PretrainLoader:
-    """An iterable of span-corrupted pre-training batches
+    """An iterable of span-corrupted (or UL2-denoised) pre-training batches
     `{"input_ids": (B, input_length), "labels": (B, target_length)}` (torch.long), deterministic from
     `seed`, and the same global stream for any number of ranks and workers (see the module docstring);
     resumable with `state_dict()`/`load_state_dict()`, and across world sizes with `load_resharded_state()`.
 
     source: a spec for `open_source` ('c4', 'hf:...', 'demo', local files) or a Source.
     tokenizer: a name/path for `load_tokenizer` or a Tokenizer.
+    objective: 'span' (T5 span corruption with noise_density and mean_noise_span_length), 'ul2' (UL2's mixture
+        of denoisers, `mixture`) or 'prefix_lm' (T5's prefix LM: the target is the continuation, as long as
+        the input). See denoisers.py; labels are -100 past a row's own target.
+    mixture: objective='ul2' only: a mixture string 'R:3:0.15:0.2,...,S:0.5:0.2' or Denoisers (default: the
+        UL2 paper's seven denoisers, denoisers.DEFAULT_UL2_MIXTURE).
+    mode_tokens: objective='ul2' only: prepend the mode tokens [NLU]/[NLG]/[S2S] to the inputs; the
+        tokenizer must have them (`denoisers.add_mode_tokens`).
     batch_size: rows per batch on this rank (the per-rank micro-batch); the global micro-batch is
         batch_size * world_size.
     num_readers: logical readers R; the stream depends on R, never on world_size or num_workers, so keep R
@@ -274,7 +297,8 @@ class PretrainLoader:
                  num_readers: int | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_WINDOWS,
                  split: str = "train", text_column: str = "text", txt_mode: str = "paragraph",
                  on_error: str = "raise", infinite: bool = True, max_batches: int | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, docs_per_chunk: int = 256):
+                 pin_memory: bool = False, prefetch_factor: int = 2, docs_per_chunk: int = 256,
+                 objective: str = "span", mixture: str | Sequence[Denoiser] | None = None, mode_tokens: bool = True):
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0 or seed < 0 or docs_per_chunk < 1:
             raise ValueError("batch_size and docs_per_chunk must be >= 1; num_workers, shuffle_buffer, seed >= 0")
         if not 0 <= rank < world_size:
@@ -286,20 +310,41 @@ class PretrainLoader:
             source, split=split, text_column=text_column, txt_mode=txt_mode, on_error=on_error)
         self.tokenizer = load_tokenizer(tokenizer)
         self.input_length = input_length
-        self.raw_length, self.target_length = compute_lengths(input_length, noise_density, mean_noise_span_length)
-        _, num_spans = span_counts(self.raw_length, noise_density, mean_noise_span_length)
-        s0 = self.tokenizer.sentinel_id(0)
-        if any(self.tokenizer.sentinel_id(k) != s0 - k for k in range(num_spans)):  # also checks they exist
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        self.objective = objective
+        if objective == "span":
+            denoisers = [Denoiser("R", noise_density, mean_noise_span_length)]
+        elif objective == "prefix_lm":
+            denoisers = [Denoiser("S", 0.5)]  # T5's prefix_lm: noise_density 0.5
+        else:
+            denoisers = DEFAULT_UL2_MIXTURE if mixture is None else mixture
+        self.mode_tokens = objective == "ul2" and mode_tokens
+        mode_ids = mode_token_ids(self.tokenizer) if self.mode_tokens else None
+        s0 = self.tokenizer.sentinel_id(0) if objective != "prefix_lm" else -1
+        self.mixture = Mixture(denoisers, input_length=input_length, sentinel_id=s0, eos_id=self.tokenizer.eos_id,
+                               mode_ids=mode_ids)
+        num_spans = max(self.mixture.num_spans)
+        # T5's noise_span_to_unique_sentinel continues below the last sentinel into ordinary pieces; UL2's
+        # X:3:0.5 needs that at 512 tokens, so mixtures may, plain span corruption may not
+        checked = num_spans if objective == "span" else min(num_spans, self.tokenizer.num_sentinels)
+        if any(self.tokenizer.sentinel_id(k) != s0 - k for k in range(checked)):  # also checks they exist
             raise ValueError(f"tokenizer {self.tokenizer.name!r}: span corruption needs sentinels "
                              f"<extra_id_k> = {s0} - k for k < {num_spans}")
+        if num_spans > checked:
+            log.warning("a denoiser of mixture %s needs %d sentinels per row, the tokenizer has %d: as in T5, the "
+                        "ids after <extra_id_%d> (%d) continue down into ordinary vocabulary pieces",
+                        self.mixture.spec, num_spans, checked, checked - 1, s0 - checked + 1)
+        raw_lengths = set(self.mixture.raw_lengths.tolist())
+        self.raw_length = raw_lengths.pop() if len(raw_lengths) == 1 else None  # None: one per denoiser
+        self.target_length = self.mixture.target_length
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_readers, self.num_workers = R, num_workers
         self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
         self.max_batches, self.pin_memory, self.prefetch_factor = max_batches, pin_memory, prefetch_factor
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
-        self._pipeline = _Pipeline(self.source, self.tokenizer, num_readers=R, raw_length=self.raw_length,
-                                   sub_batch=batch_size // len(self.readers), noise_density=noise_density,
-                                   mean_noise_span_length=mean_noise_span_length, seed=seed,
+        self._pipeline = _Pipeline(self.source, self.tokenizer, num_readers=R, mixture=self.mixture,
+                                   sub_batch=batch_size // len(self.readers), seed=seed,
                                    shuffle_buffer=shuffle_buffer, infinite=infinite, docs_per_chunk=docs_per_chunk)
         self._states = {j: _initial_state() for j in self.readers}  # this rank's readers, after the last batch
         self._step = 0  # global micro-batches consumed since the start of the stream
@@ -384,9 +429,13 @@ class PretrainLoader:
 
     def _config(self) -> dict:
         # per-rank keys (PER_RANK_KEYS) before global_batch, so a changed batch_size is named as such
+        if self.objective == "span":
+            objective = {"noise_density": self.noise_density, "mean_noise_span_length": self.mean_noise_span_length}
+        else:
+            objective = {"mixture": self.mixture.spec, "mode_tokens": self.mode_tokens}
         return {"source": self.source.describe(), "input_length": self.input_length,
-                "noise_density": self.noise_density, "mean_noise_span_length": self.mean_noise_span_length,
-                "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "vocab_size": self.tokenizer.vocab_size,
+                "objective": self.objective, **objective, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
+                "vocab_size": self.tokenizer.vocab_size,
                 "num_readers": self.num_readers, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "global_batch": self.batch_size * self.world_size}
 
@@ -402,7 +451,8 @@ class PretrainLoader:
                  "world_size": ": resume with load_resharded_state(states of all ranks)",
                  "rank": ": load this rank's own state"}
         for key, now in self._config().items():
-            if key not in skip and saved.get(key) != now:
+            # states written before objectives existed are span corruption
+            if key not in skip and saved.get(key, "span" if key == "objective" else None) != now:
                 raise ValueError(f"cannot resume data loader: {key} was {saved.get(key)!r} in the checkpoint, "
                                  f"now {now!r}{hints.get(key, '')}")
         return {int(j): s for j, s in state["readers"].items()}  # JSON turns int keys into strings

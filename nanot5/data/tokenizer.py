@@ -84,6 +84,20 @@ class Tokenizer:
                                                    "with extra_ids=100)" if not self.num_sentinels else ""))
         return self._backend.token_to_id(f"<extra_id_{k}>")
 
+    def token_id(self, token: str) -> int | None:
+        """Id of a whole token of the vocabulary (a piece or an added token such as `<extra_id_0>`), or None."""
+        return self._backend.token_to_id(token)
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """A copy with `tokens` appended as special tokens: ids len(self), len(self) + 1, ... in order (after
+        T5's sentinels, the highest ids so far). Special tokens are never split, and decode() drops them.
+        Tokens already in the vocabulary keep their ids; this tokenizer is not changed."""
+        import copy
+
+        hf = copy.deepcopy(self.hf)
+        hf.add_tokens([t for t in tokens if self.token_id(t) is None], special_tokens=True)
+        return Tokenizer(hf, self.name)
+
     def save(self, out_dir: str | Path) -> Path:
         """Write tokenizer files that `transformers.AutoTokenizer.from_pretrained(out_dir)` loads."""
         out = Path(out_dir)
