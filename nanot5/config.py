@@ -550,23 +550,6 @@ def format_keys(defaults: Config | None = None) -> str:
     return "\n".join(lines)
 
 
-def kv_to_flags(argv: list[str]) -> list[str]:
-    """`key=value` arguments as argparse flags (`--key value`; `key=true` -> `--key`, `key=false` dropped), so
-    commands with a fixed option list take the same `key=value` form as training. `--flags` pass through."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or arg.startswith("-"):
-            out.append(arg)
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value.lower() in ("true", "yes"):
-            out.append(flag)
-        elif value.lower() not in ("false", "no"):
-            out += [flag, value]
-    return out
-
-
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a saved config (config.yaml of a run or checkpoint), validating it."""
     tree: dict[str, Any] = {}

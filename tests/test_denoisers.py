@@ -275,3 +275,20 @@ def test_add_mode_tokens(t5_tokenizer_dir, tmp_path):
         mode_token_ids(plain)
     with pytest.raises(ValueError, match="only some of the mode tokens"):
         add_mode_tokens(plain.with_special_tokens(["[NLU]"]))
+
+
+def test_ul2_pretraining_end_to_end(test_data, tmp_path):
+    """`data.objective=ul2` through the CLI: trains, evaluates on plain span corruption, and the final
+    tokenizer carries the mode tokens; resuming with another objective is refused."""
+    from nanot5.data.tokenizer import load_tokenizer
+    from tests.test_train import run_cli, tiny_args
+
+    run = tmp_path / "run"
+    args = tiny_args(test_data, run, "optim.total_steps=2", "checkpoint.every_steps=2", "eval.every_steps=2",
+                     "data.objective=ul2")
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr
+    tok = load_tokenizer(run / "final")
+    assert [tok.token_id(t) for t in ("[NLU]", "[NLG]", "[S2S]")] == [32100, 32101, 32102]
+    again = run_cli([a for a in args if a != "data.objective=ul2"] + ["resume=auto", "optim.total_steps=4"])
+    assert again.returncode == 2 and "data.objective" in again.stderr

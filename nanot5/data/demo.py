@@ -408,7 +408,7 @@ def demo_tokenizer(vocab_size: int = 8000, force: bool = False) -> Path:
 
 def data_prepare_main(argv: list[str]) -> int:
     """`nanot5 data prepare demo [out=DIR] [force=true]` (argv starts with the corpus name)."""
-    from nanot5.config import kv_to_flags
+    from nanot5.cliargs import kv_to_flags
 
     parser = argparse.ArgumentParser(prog="nanot5 data prepare", description="Build a data set.")
     parser.add_argument("corpus", choices=["demo"], help="demo: English prose from Debian's python3-doc and "

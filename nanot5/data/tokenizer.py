@@ -245,7 +245,7 @@ def tokenizer_main(argv: list[str]) -> int:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     p.add_argument("--character-coverage", type=float, default=0.9999)
     p.add_argument("--max-sentences", type=int, default=5_000_000, help="lines sampled for training")
-    from nanot5.config import kv_to_flags
+    from nanot5.cliargs import kv_to_flags
 
     args = parser.parse_args(kv_to_flags(argv))
 
