@@ -20,11 +20,14 @@ import string
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nanot5.errors import DataError
 
 SNI_REPO_URL = "https://github.com/allenai/natural-instructions"
 _PUNCTUATION = frozenset(string.punctuation)
@@ -64,46 +67,62 @@ def _as_text(value: Any) -> str:
 
 
 def load_task(
-    path: str | Path, *, max_num_instances: int | None = 100, shuffle_seed: int | None = None
+    path: str | Path,
+    *,
+    max_num_instances: int | None = 100,
+    shuffle_seed: int | None = None,
+    rng: random.Random | None = None,
+    skipped: Counter | None = None,
 ) -> list[dict[str, Any]]:
     """Records of one task file, the first `max_num_instances` instances (all of them with None).
 
     Each record is a plain dict: id, task, categories, definition, positive_examples, negative_examples
     (lists of {"input", "output", "explanation"}), input, references (list of strings; may hold "").
     Upstream quirks are tolerated: a NaN in `URL` (Python's json accepts it; the field is not kept) and
-    empty-string references. With `shuffle_seed` the instances are shuffled before truncation, as Tk-Instruct's
-    ni_dataset.py does with its global RNG; the test split's first 100 are the official evaluation instances.
+    empty-string references. With `rng` (or a fresh `random.Random(shuffle_seed)`) the instances are shuffled
+    before truncation, as Tk-Instruct's ni_dataset.py does for training tasks; the test split's first 100 are the
+    official evaluation instances.
+
+    An instance that cannot be trained on or scored, one with an empty (or null) `output` list or a null `input`,
+    is dropped after the selection and counted in `skipped` ("empty_output", "null_input"), never an error.
     """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     for key in ("Definition", "Positive Examples", "Instances"):
         if key not in data:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise DataError(f"{path}: missing key {key!r}")
     task = path.stem
     categories = [str(c) for c in data.get("Categories", [])]
     definition = _as_text(data["Definition"])
     pos = [_example(path, "Positive Examples", i, e) for i, e in enumerate(data["Positive Examples"])]
     neg = [_example(path, "Negative Examples", i, e) for i, e in enumerate(data.get("Negative Examples", []))]
 
-    instances = list(data["Instances"])
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(instances)
+    # (position in the file, instance): messages name the instance's index in the file whatever the order
+    instances = list(enumerate(data["Instances"]))
+    if rng is None and shuffle_seed is not None:
+        rng = random.Random(shuffle_seed)
+    if rng is not None:
+        rng.shuffle(instances)
     if max_num_instances is not None and max_num_instances >= 0:
         instances = instances[:max_num_instances]
 
     records = []
-    for i, inst in enumerate(instances):
+    for i, inst in instances:
         for key in ("input", "output"):
-            if key not in inst:
-                raise ValueError(f"{path}: Instances[{i}] has no {key!r}")
+            if not isinstance(inst, dict) or key not in inst:
+                raise DataError(f"{path}: Instances[{i}] has no {key!r}")
         refs = inst["output"]
         if isinstance(refs, str):  # a few community copies store a single reference as a string
             refs = [refs]
+        if refs is None or refs == [] or inst["input"] is None:
+            if skipped is not None:
+                skipped["null_input" if inst["input"] is None else "empty_output"] += 1
+            continue
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-            raise ValueError(f"{path}: Instances[{i}] 'output' must be a list of strings, got {refs!r}")
+            raise DataError(f"{path}: Instances[{i}] 'output' must be a list of strings, got {refs!r}")
         records.append(
             dict(
                 id=str(inst.get("id", f"{task}-{i}")),
@@ -135,6 +154,8 @@ def load_sni(
     split: str = "default",
     max_num_instances_per_task: int | None = 100,
     shuffle_seed: int | None = None,
+    seed: int | None = 0,
+    skipped: Counter | None = None,
 ) -> list[dict[str, Any]]:
     """All records of the tasks listed in `<sni_dir>/splits/<split>/<subset>_tasks.txt`.
 
@@ -142,9 +163,19 @@ def load_sni(
         sni_dir: a natural-instructions checkout (holds `splits/` and `tasks/`).
         subset: "train" or "test" (also any other `<subset>_tasks.txt`, e.g. "dev", if the split has one).
         split: the folder under `splits/` ("default" is the official English split of 756 train / 119 test tasks).
-        max_num_instances_per_task: keep the first N instances of every task (100, as Tk-Instruct and nanoT5).
-        shuffle_seed: shuffle each task's instances before keeping N (see `load_task`); None keeps file order.
+        max_num_instances_per_task: instances kept per task (100, as Tk-Instruct and nanoT5).
+        seed: how the instances are chosen, following Tk-Instruct's ni_dataset.py (nanoT5 uses the same file).
+            Test tasks: the first N in file order (upstream puts the 100 label-balanced evaluation instances
+            first; it also shuffles those 100 before cutting to N, which changes nothing for the official N=100).
+            Any other subset: a random sample of N, drawn by shuffling each task's instances and keeping the
+            first N, with ONE `random.Random(seed)` that runs through the tasks in list order (upstream shuffles
+            with Python's global `random`, seeded once with the run's seed, in the same order). None: the first
+            N of every task (nanot5 before this fix).
+        shuffle_seed: shuffle each task's instances with its own `random.Random(shuffle_seed)` before keeping N,
+            in any subset (overrides `seed`).
+        skipped: if given, counts of dropped instances (see `load_task`) are added to it.
     Listed tasks without a file are skipped with one warning giving their count; if none is found, an error.
+    Instances with an empty output list or a null input are skipped with one warning giving their count.
     """
     sni_dir = Path(sni_dir)
     split_dir = sni_dir / "splits" / split
@@ -170,11 +201,21 @@ def load_sni(
             f"skipped (first: {missing[0]})",
             stacklevel=2,
         )
+    rng = None
+    if shuffle_seed is None and seed is not None and subset != "test":
+        rng = random.Random(seed)
+    dropped: Counter = Counter()
     records = []
     for name in present:
-        records += load_task(
-            task_dir / f"{name}.json", max_num_instances=max_num_instances_per_task, shuffle_seed=shuffle_seed
-        )
+        records += load_task(task_dir / f"{name}.json", max_num_instances=max_num_instances_per_task,
+                             shuffle_seed=shuffle_seed, rng=rng, skipped=dropped)
+    if dropped:
+        what = ", ".join(f"{n} with {'a null input' if k == 'null_input' else 'an empty output list'}"
+                         for k, n in sorted(dropped.items()))
+        warnings.warn(f"SNI: skipped {sum(dropped.values())} {subset} instances that cannot be used ({what})",
+                      stacklevel=2)
+    if skipped is not None:
+        skipped.update(dropped)
     return records
 
 
