@@ -81,11 +81,17 @@ class DataConfig:
     num_readers: int = 0
     shuffle_buffer: int = 10_000
     on_error: str = "raise"  # raise | skip (count and log malformed records)
-    # Super-Natural Instructions fine-tuning (mode ft)
+    # Fine-tuning (mode ft): data.source=sni is Super-Natural Instructions, anything else seq2seq records
+    input_column: str = "input"  # column with the model input (when data.template is "")
+    target_column: str = "target"  # column with the target: a string or a list of acceptable strings
+    template: str = ""  # input built from columns, e.g. "summarize: {document}"; "" = data.input_column as is
+    target_template: str = ""  # target built from columns, e.g. "{label}"; "" = data.target_column as is
+    validation_fraction: float = 0.0  # hold out this seeded share of the training records for validation
+    batching: str = "grouped"  # naive (random, padded) | grouped (by length) | packed (several examples per row)
     sni_dir: str = "natural-instructions"
     sni_split: str = "default"
-    max_seq_len: int = 1024
-    max_target_len: int = 128
+    max_seq_len: int = 1024  # fine-tuning input tokens per example; longer inputs are cut (and counted)
+    max_target_len: int = 128  # fine-tuning target tokens per example; longer targets are cut (and counted)
     max_num_instances_per_task: int = 100
     max_num_instances_per_eval_task: int = 100
     add_task_name: bool = False
@@ -103,6 +109,17 @@ class DataConfig:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         _check_choice("data.on_error", self.on_error, ("raise", "skip"))
+        _check_choice("data.batching", self.batching, ("naive", "grouped", "packed"))
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.validation_fraction > 0 and self.validation_source:
+            raise ConfigError("set data.validation_source or data.validation_fraction, not both")
+        from nanot5.data.seq2seq import template_columns  # no torch: cheap
+
+        if self.template:
+            template_columns(self.template, "data.template")
+        if self.target_template:
+            template_columns(self.target_template, "data.target_template")
 
 
 @dataclass(frozen=True)
@@ -334,6 +351,21 @@ def load_preset(name: str) -> dict[str, Any]:
     return tree
 
 
+def _is_str_field(key: str) -> bool:
+    """True when the dotted key names a `str` field of Config (False for unknown keys: _merge reports them)."""
+    cls = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        sub = _dataclass_type(cls, part)
+        if sub is None:
+            return i == len(parts) - 1 and hints[part] is str
+        cls = sub
+    return False
+
+
 def load_config(overrides: list[str] | None = None, *, default_preset: str = "",
                 **defaults: Any) -> Config:
     """Build a Config from `preset=`, `config=FILE` and `key=value` arguments (applied in that order).
@@ -350,6 +382,8 @@ def load_config(overrides: list[str] | None = None, *, default_preset: str = "",
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if _is_str_field(key.strip()) and value is not None and not isinstance(value, str):
+            value = raw  # text fields take the text as typed: data.template=summarize: {document}
         pairs.append((key.strip(), value))
     preset = next((str(v) for k, v in pairs if k == "preset"), default_preset)
     tree: dict[str, Any] = {}

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from nanot5.errors import DataError
@@ -252,6 +253,7 @@ def format_prompt(
     num_pos_examples: int = 2,
     num_neg_examples: int = 0,
     add_explanation: bool = False,
+    _full_length: list[int] | None = None,
 ) -> str:
     """The Tk-Instruct source string of one record.
 
@@ -266,7 +268,8 @@ def format_prompt(
     `definition + " ".join(kept examples) + this example + task_input` is <= max_source_length (Tk-Instruct's
     test: it leaves out the task name and joins the kept examples with spaces, though the prompt joins them with
     ""; negative examples are tested after all kept positive ones). A final prompt longer than max_source_length
-    tokens is cut to its first max_source_length tokens and decoded without special tokens.
+    tokens is cut to its first max_source_length tokens and decoded without special tokens. (`_full_length`, if
+    given, gets the token count of the prompt before that cut appended: SNIExamples counts truncations with it.)
     """
     task_input = _end_sentence("Now complete the following example -\n" + f"Input: {record['input'].strip()}")
     task_input += "\nOutput: "
@@ -290,6 +293,8 @@ def format_prompt(
 
     source = task_name + definition + "".join(pos) + "".join(neg) + task_input
     ids = tokenizer(source)["input_ids"]
+    if _full_length is not None:
+        _full_length.append(len(ids))
     if len(ids) <= max_source_length:
         return source
     return tokenizer.decode(ids[:max_source_length], skip_special_tokens=True)
@@ -407,6 +412,87 @@ class SNICollator:
             references=[list(r["references"]) for r in records],
         )
         return batch
+
+
+class SNIExamples:
+    """SNI records as tokenized examples for `nanot5.data.batching` (length-grouped or packed batches).
+
+    The tokens are SNICollator's, token for token: the prompt of `format_prompt` and the drawn reference, each
+    tokenized with truncation to max_source_length / max_target_length. Choices are drawn per epoch instead of
+    per batch (a pure function of seed and epoch, for exact resume and length-aware batching): each example's
+    reference (`batching.draw_targets`) and, with tk_instruct=True, its prompt layout (one of
+    TK_INSTRUCT_ENCODINGS, random.Random(f"{seed}:{epoch}:layout")). Without tk_instruct the prompts are built
+    and tokenized once.
+
+    Fields: records, stats (see batching.encode_examples), layouts(epoch) (tk_instruct: the layout index drawn for
+    each example), sources(epoch) (the prompt strings, e.g. for generation).
+    """
+
+    def __init__(self, records: list[dict[str, Any]], tokenizer: Any, *, max_source_length: int = 1024,
+                 max_target_length: int = 128, add_task_name: bool = False, add_task_definition: bool = True,
+                 num_pos_examples: int = 2, num_neg_examples: int = 0, add_explanation: bool = False,
+                 tk_instruct: bool = False, seed: int = 0):
+        from nanot5.data.batching import encode_texts
+
+        self.records, self.seed, self.tk_instruct = records, seed, tk_instruct
+        self.hf = getattr(tokenizer, "hf", tokenizer)
+        self.max_source_length, self.max_target_length = max_source_length, max_target_length
+        self.prompt_options = dict(add_task_name=add_task_name, add_task_definition=add_task_definition,
+                                   num_pos_examples=num_pos_examples, num_neg_examples=num_neg_examples,
+                                   add_explanation=add_explanation)
+        flat = [ref for r in records for ref in r["references"]]
+        ref_ids, ref_lens = encode_texts(self.hf, flat, max_target_length)
+        self.references, k = [], 0
+        for r in records:
+            self.references.append(ref_ids[k:k + len(r["references"])])
+            k += len(r["references"])
+        self._cache: tuple[int, list[str], list[np.ndarray]] | None = None
+        self._targets: tuple[int, list[np.ndarray]] | None = None
+        self._fixed = None
+        inputs = self._encode_epoch(0)[1]
+        self.stats = {"examples": len(records), "inputs_truncated": self._truncated,
+                      "targets_truncated": sum(n > max_target_length for n in ref_lens),
+                      "max_input_tokens": self._longest, "max_target_tokens": max(ref_lens, default=0)}
+        if not tk_instruct:
+            self._fixed = inputs
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def layouts(self, epoch: int) -> list[int]:
+        """Index into TK_INSTRUCT_ENCODINGS of each example's prompt layout in `epoch` (tk_instruct mode)."""
+        rng = random.Random(f"{self.seed}:{epoch}:layout")
+        return [rng.randrange(len(TK_INSTRUCT_ENCODINGS)) for _ in self.records]
+
+    def sources(self, epoch: int = 0) -> list[str]:
+        """The prompt strings of `epoch`."""
+        return self._encode_epoch(epoch)[0]
+
+    def _encode_epoch(self, epoch: int) -> tuple[list[str], list[np.ndarray]]:
+        if self._cache is not None and (self._cache[0] == epoch or not self.tk_instruct):
+            return self._cache[1], self._cache[2]
+        from nanot5.data.batching import encode_texts
+
+        if self.tk_instruct:
+            options = [TK_INSTRUCT_ENCODINGS[k] for k in self.layouts(epoch)]
+        else:
+            options = [self.prompt_options] * len(self.records)
+        lengths: list[int] = []  # prompt tokens before format_prompt's cut
+        sources = [format_prompt(r, tokenizer=self.hf, max_source_length=self.max_source_length,
+                                 _full_length=lengths, **o) for r, o in zip(self.records, options)]
+        ids, _ = encode_texts(self.hf, sources, self.max_source_length)
+        self._truncated = sum(n > self.max_source_length for n in lengths)
+        self._longest = max(lengths, default=0)
+        self._cache = (epoch, sources, ids)
+        return sources, ids
+
+    def epoch(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        from nanot5.data.batching import draw_targets
+
+        inputs = self._fixed if self._fixed is not None else self._encode_epoch(epoch)[1]
+        if self._targets is None or self._targets[0] != epoch:
+            self._targets = (epoch, draw_targets(self.references, self.seed, epoch))
+        return inputs, self._targets[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
