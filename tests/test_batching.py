@@ -8,6 +8,7 @@ T5 tokenizer through `transformers` for SNI token ids.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -144,19 +145,29 @@ def test_grouped_batches_are_length_homogeneous_and_shuffled():
         assert la[0] <= lb[0] and la[-1] <= lb[-1]  # interleaved: rank 0 takes the 1st, 3rd, ... of each
 
 
-def test_pack_rows_as_few_rows_as_first_fit_evenly_filled():
+def test_pack_rows_fewest_rows_evenly_filled_unless_shorter_rows_are_cheaper():
     a, b = [5, 9, 3, 7, 2], [1, 1, 4, 1, 1]
     # first-fit decreasing by input: 9 -> row0 (room 3/4), 7 -> row1 (5/4), 5 -> row1 (0/3), 3 (target 4) -> row0
     # (0/0), 2 -> row2: three rows. Spread longest-first to the least-filled row with room:
     # 9 -> r0, 7 -> r1, 5 -> r2, 3 -> r2 (8/5), 2 -> r1 (9/2): inputs 9/9/8 instead of 12/12/2
-    rows = pack_rows(a, b, 12, 5)
+    rows = pack_rows(a, b, 12, 5, attention_tokens=math.inf)
     assert rows == [[1], [3, 4], [0, 2]]
-    for row in rows:
-        assert sum(a[i] for i in row) <= 12 and sum(b[i] for i in row) <= 5
     assert pack_rows([3, 4], [1, 1], 12, 5) == [[1, 0]]
     # when spreading breaks a capacity, the first-fit rows stay: 6+6 | 4+4+4 fit 12, but spreading the 4s
-    # over two rows of 6 leaves the last 4 nowhere
-    assert sorted(map(sorted, pack_rows([6, 6, 4, 4, 4], [1] * 5, 12, 5))) == [[0, 1], [2, 3, 4]]
+    # over two rows of 6 leaves the last 4 nowhere (and three rows cost more)
+    assert sorted(map(sorted, pack_rows([6, 6, 4, 4, 4], [1] * 5, 12, 5, attention_tokens=math.inf))) == \
+        [[0, 1], [2, 3, 4]]
+    # attention makes long rows dear: 4 x 500 tokens fit one 2048 row, but cost
+    # 1 x 2000 x (1 + 2000/1024) + 2 x 4 > 4 x 500 x (1 + 500/1024) + 4 x 2 x 1: one example per row
+    assert len(pack_rows([500] * 4, [1] * 4, 2048, 8, attention_tokens=1024)) == 4
+    assert len(pack_rows([500] * 4, [1] * 4, 2048, 8, attention_tokens=math.inf)) == 1
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        a, b = rng.integers(1, 300, n).tolist(), rng.integers(1, 30, n).tolist()
+        rows = pack_rows(a, b, 512, 64)
+        assert sorted(i for row in rows for i in row) == list(range(n))
+        assert all(sum(a[i] for i in row) <= 512 and sum(b[i] for i in row) <= 64 for row in rows)
     with pytest.raises(ValueError, match="exceeds the row size"):
         pack_rows([13], [1], 12, 5)
 

@@ -15,10 +15,11 @@ Batching modes (`data.batching`), for a global batch of G = batch_size x world_s
            (the megabatch scheme of HF's LengthGroupedSampler / fairseq). Rank r takes examples r, r+W, ... of
            a global batch, so all ranks see the same length range.
 - packed:  the naive global batches (same examples per optimizer step, same number of steps per epoch, so the
-           same optimisation as naive), but each rank packs its batch_size examples into as few rows as fit
-           `max_seq_len` input and `max_target_len` target tokens (first-fit decreasing by input length). Rows
-           carry segment ids (1..k for the k examples of a row, 0 on padding) so the model can attend within an
-           example only; the loss is the mean over all target tokens of the batch, as unpacked.
+           same optimisation as naive), but each rank packs its batch_size examples into rows of at most
+           `max_seq_len` input and `max_target_len` target tokens: as few rows as first-fit decreasing needs, or
+           a few more, evenly filled, when shorter rows are cheaper (`pack_rows`). Rows carry segment ids (1..k
+           for the k examples of a row, 0 on padding) so the model can attend within an example only; the loss is
+           the mean over all target tokens of the batch, as unpacked.
            We pack a fixed number of EXAMPLES per batch rather than a fixed number of rows or a token budget:
            rows or token budgets would change how many examples an optimizer step sees, i.e. the learning rate
            and batch size the user chose.
@@ -45,6 +46,11 @@ from nanot5.errors import DataError
 BATCHING = ("naive", "grouped", "packed")
 GROUP_SIZE = 64  # global batches per length-sorted mega-batch (grouped mode); HF's LengthGroupedSampler uses 50
 LABEL_PAD = -100
+# Row length at which attention costs as much per token as the rest of a T5 layer (see `pack_cost`). By FLOPs it
+# is ~3000-6000 tokens for T5 v1.1 small-large (4 d_kv*heads per key vs 8 d*inner + 6 d*d_ff per token), but
+# measured on CPU (t5-v1_1-small, bf16, forward+backward) a position of a 1024-token row costs ~2x one of a
+# 216-token row: softmax, masks and position biases are memory-bound. 1024 is that measurement.
+PACK_ATTENTION_TOKENS = 1024
 
 
 class Examples(Protocol):
@@ -179,49 +185,77 @@ def collate_padded(inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], 
             "labels": torch.from_numpy(labels)}
 
 
-def pack_rows(input_lengths: Sequence[int], target_lengths: Sequence[int], max_input: int, max_target: int
-              ) -> list[list[int]]:
-    """Positions of the examples in each row: as few rows as first-fit decreasing needs, evenly filled.
-
-    First-fit decreasing (longest input first, into the first row with room for both its input and its target)
-    gives the number of rows R. A batch of few examples often ends in one nearly empty row, and every row is
-    padded to the longest, so the examples are then spread over the R rows longest-first, each to the row with
-    the fewest input tokens that has room (LPT scheduling, Graham 1969); if that fails a capacity, the
-    first-fit rows are kept. Both give rows within both capacities.
-    """
-    n = len(input_lengths)
-    order = sorted(range(n), key=lambda i: (-input_lengths[i], -target_lengths[i], i))
-    for i in order[:1]:
-        if input_lengths[i] > max_input or max(target_lengths) > max_target:
-            raise ValueError(f"an example of {input_lengths[i]} input / {max(target_lengths)} target tokens "
-                             f"exceeds the row size {max_input}/{max_target}")
+def _first_fit(order: list[int], a: Sequence[int], b: Sequence[int], max_a: int, max_b: int) -> list[list[int]]:
+    """First-fit: each example (in `order`) into the first row with room for its input and target."""
     rows: list[list[int]] = []
-    room: list[list[int]] = []  # [input room, target room] per row
+    room: list[list[int]] = []
     for i in order:
-        a, b = input_lengths[i], target_lengths[i]
         for r, (ra, rb) in enumerate(room):
-            if a <= ra and b <= rb:
+            if a[i] <= ra and b[i] <= rb:
                 rows[r].append(i)
-                room[r][0] -= a
-                room[r][1] -= b
+                room[r][0] -= a[i]
+                room[r][1] -= b[i]
                 break
         else:
             rows.append([i])
-            room.append([max_input - a, max_target - b])
-    if len(rows) == 1:
-        return rows
-    balanced: list[list[int]] = [[] for _ in rows]
-    load = [[0, 0] for _ in rows]
+            room.append([max_a - a[i], max_b - b[i]])
+    return rows
+
+
+def _spread(order: list[int], a: Sequence[int], b: Sequence[int], max_a: int, max_b: int, n_rows: int
+            ) -> list[list[int]] | None:
+    """Longest-first onto the row with the fewest input tokens that has room (LPT, Graham 1969); None if stuck."""
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    load = [[0, 0] for _ in range(n_rows)]
     for i in order:
-        a, b = input_lengths[i], target_lengths[i]
-        fits = [r for r in range(len(rows)) if load[r][0] + a <= max_input and load[r][1] + b <= max_target]
+        fits = [r for r in range(n_rows) if load[r][0] + a[i] <= max_a and load[r][1] + b[i] <= max_b]
         if not fits:
-            return rows
+            return None
         r = min(fits, key=lambda r: (load[r][0], load[r][1], r))
-        balanced[r].append(i)
-        load[r][0] += a
-        load[r][1] += b
-    return balanced
+        rows[r].append(i)
+        load[r][0] += a[i]
+        load[r][1] += b[i]
+    return [row for row in rows if row]
+
+
+def pack_cost(rows: list[list[int]], a: Sequence[int], b: Sequence[int], attention_tokens: float) -> float:
+    """Estimated compute of a packed batch, in encoder-position units: R x (S x (1 + S / A) + 2 T).
+
+    Every row is padded to the widest (S inputs, T targets). A position costs its projections and MLP (1) plus
+    attention over S keys (S / A, A = `attention_tokens`, the row length at which attention costs as much as the
+    rest); a target position about two encoder positions (self and cross attention, the vocabulary projection).
+    """
+    S = max(sum(a[i] for i in row) for row in rows)
+    T = max(sum(b[i] for i in row) for row in rows)
+    return len(rows) * (S * (1 + S / attention_tokens) + 2 * T)
+
+
+def pack_rows(input_lengths: Sequence[int], target_lengths: Sequence[int], max_input: int, max_target: int,
+              attention_tokens: float = PACK_ATTENTION_TOKENS) -> list[list[int]]:
+    """Positions of the examples in each packed row, every row within both capacities.
+
+    First-fit decreasing (longest input first) gives the fewest rows R0 that fit. Fewer, longer rows are not
+    always cheaper: attention grows with the row length, and all rows are padded to the longest. So for
+    R = R0, R0 + 1, ... the examples are spread evenly over R rows (`_spread`) and the R with the lowest
+    `pack_cost` is kept; the search stops once the rows are as short as the longest example allows.
+    """
+    a, b = list(input_lengths), list(target_lengths)
+    if max(a) > max_input or max(b) > max_target:
+        raise ValueError(f"an example of {max(a)} input / {max(b)} target tokens exceeds the row size "
+                         f"{max_input}/{max_target}")
+    order = sorted(range(len(a)), key=lambda i: (-a[i], -b[i], i))
+    best = _first_fit(order, a, b, max_input, max_target)
+    best_cost = pack_cost(best, a, b, attention_tokens)
+    for n_rows in range(len(best), len(a) + 1):
+        rows = _spread(order, a, b, max_input, max_target, n_rows)
+        if rows is None:
+            continue
+        cost = pack_cost(rows, a, b, attention_tokens)
+        if cost < best_cost:
+            best, best_cost = rows, cost
+        if max(sum(a[i] for i in row) for row in rows) <= max(a):
+            break  # rows as short as the longest example: more rows only add rows
+    return best
 
 
 def collate_packed(inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], rows: list[list[int]], *,
