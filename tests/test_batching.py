@@ -278,3 +278,26 @@ def test_sni_padding_share_naive_vs_grouped_vs_packed(sni_train, tok):
         it = Seq2SeqBatches(ex, batch_size=8, seed=0, batching=batching, max_seq_len=1024, max_target_len=128)
         shares[batching] = _padding_share([b for _, b in zip(range(len(it)), iter(it))])
     assert shares["grouped"] < 0.5 * shares["naive"] and shares["packed"] < 0.5 * shares["naive"], shares
+
+
+def test_finetune_sets_for_sni(sni_dir, tok):
+    from nanot5.config import load_config
+    from nanot5.data.finetune import finetune_sets
+
+    cfg = load_config(["mode=ft", "data.source=sni", f"data.sni_dir={sni_dir}", "data.sni_split=small",
+                       "data.max_num_instances_per_task=5", "data.max_num_instances_per_eval_task=4", "seed=11"])
+    sets = finetune_sets(cfg, tok)
+    assert sets.sni and len(sets.train) == 50 and len(sets.validation) == 28  # 10 train, 7 test tasks
+    # training: the seeded Tk-Instruct sample; validation: the test tasks' first N, with the prompt as input
+    want = load_sni(sni_dir, "train", split="small", max_num_instances_per_task=5, seed=11)
+    assert [r["id"] for r in sets.train.records] == [r["id"] for r in want]
+    test = load_sni(sni_dir, "test", split="small", max_num_instances_per_task=4)
+    assert [r["id"] for r in sets.validation_records] == [r["id"] for r in test]
+    first = sets.validation_records[0]
+    assert first["input"] == format_prompt(test[0], tokenizer=tok) and first["references"] == test[0]["references"]
+    assert first["task"] == test[0]["task"] and first["category"] == test[0]["categories"][0]
+    assert sets.validation.epoch(0)[0][0].tolist() == tok(first["input"], max_length=1024, truncation=True)["input_ids"]
+    assert sets.train.sources(0)[0] == format_prompt(want[0], tokenizer=tok)  # rebuilt: not kept in memory
+    text = "\n".join(sets.describe())
+    assert "train: 50 examples from SNI" in text and "validation: 28 examples" in text
+    assert "no input or target of the 50 examples was truncated" in text

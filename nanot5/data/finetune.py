@@ -76,7 +76,7 @@ def finetune_sets(cfg, tokenizer, *, validation: bool = True) -> FinetuneSets:
         records = load_sni(d.sni_dir, "train", split=d.sni_split,
                            max_num_instances_per_task=d.max_num_instances_per_task, seed=cfg.seed,
                            skipped=skipped["train"])
-        train = SNIExamples(records, tokenizer, seed=cfg.seed, **sni_prompt_options(d))
+        train = SNIExamples(records, tokenizer, seed=cfg.seed, keep_sources=False, **sni_prompt_options(d))
         report.update(train_source=f"SNI {d.sni_dir} split {d.sni_split!r} (train tasks)", skipped=skipped,
                       train_tokens=train.stats)
         val, val_records = None, None

@@ -431,10 +431,11 @@ class SNIExamples:
     def __init__(self, records: list[dict[str, Any]], tokenizer: Any, *, max_source_length: int = 1024,
                  max_target_length: int = 128, add_task_name: bool = False, add_task_definition: bool = True,
                  num_pos_examples: int = 2, num_neg_examples: int = 0, add_explanation: bool = False,
-                 tk_instruct: bool = False, seed: int = 0):
+                 tk_instruct: bool = False, seed: int = 0, keep_sources: bool = True):
         from nanot5.data.batching import encode_texts
 
         self.records, self.seed, self.tk_instruct = records, seed, tk_instruct
+        self.keep_sources = keep_sources  # False: do not hold the prompt strings (training: only tokens needed)
         self.hf = getattr(tokenizer, "hf", tokenizer)
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.prompt_options = dict(add_task_name=add_task_name, add_task_definition=add_task_definition,
@@ -465,25 +466,30 @@ class SNIExamples:
         return [rng.randrange(len(TK_INSTRUCT_ENCODINGS)) for _ in self.records]
 
     def sources(self, epoch: int = 0) -> list[str]:
-        """The prompt strings of `epoch`."""
-        return self._encode_epoch(epoch)[0]
+        """The prompt strings of `epoch` (built again when keep_sources=False)."""
+        if self.keep_sources:
+            return self._encode_epoch(epoch)[0]
+        return self._prompts(epoch)
+
+    def _prompts(self, epoch: int, lengths: list[int] | None = None) -> list[str]:
+        if self.tk_instruct:
+            options = [TK_INSTRUCT_ENCODINGS[k] for k in self.layouts(epoch)]
+        else:
+            options = [self.prompt_options] * len(self.records)
+        return [format_prompt(r, tokenizer=self.hf, max_source_length=self.max_source_length, _full_length=lengths,
+                              **o) for r, o in zip(self.records, options)]
 
     def _encode_epoch(self, epoch: int) -> tuple[list[str], list[np.ndarray]]:
         if self._cache is not None and (self._cache[0] == epoch or not self.tk_instruct):
             return self._cache[1], self._cache[2]
         from nanot5.data.batching import encode_texts
 
-        if self.tk_instruct:
-            options = [TK_INSTRUCT_ENCODINGS[k] for k in self.layouts(epoch)]
-        else:
-            options = [self.prompt_options] * len(self.records)
         lengths: list[int] = []  # prompt tokens before format_prompt's cut
-        sources = [format_prompt(r, tokenizer=self.hf, max_source_length=self.max_source_length,
-                                 _full_length=lengths, **o) for r, o in zip(self.records, options)]
+        sources = self._prompts(epoch, lengths)
         ids, _ = encode_texts(self.hf, sources, self.max_source_length)
         self._truncated = sum(n > self.max_source_length for n in lengths)
         self._longest = max(lengths, default=0)
-        self._cache = (epoch, sources, ids)
+        self._cache = (epoch, sources if self.keep_sources else [], ids)
         return sources, ids
 
     def epoch(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
