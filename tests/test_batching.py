@@ -301,3 +301,6 @@ def test_finetune_sets_for_sni(sni_dir, tok):
     text = "\n".join(sets.describe())
     assert "train: 50 examples from SNI" in text and "validation: 28 examples" in text
     assert "no input or target of the 50 examples was truncated" in text
+    from nanot5.data.finetune import prediction_records
+
+    assert prediction_records(cfg, tok) == sets.validation_records

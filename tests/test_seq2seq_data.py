@@ -17,7 +17,7 @@ import pytest
 
 from nanot5.config import load_config
 from nanot5.data.batching import encode_examples, truncation_message
-from nanot5.data.finetune import finetune_sets
+from nanot5.data.finetune import finetune_sets, prediction_records
 from nanot5.data.seq2seq import RecordFormatter, load_records, load_seq2seq_splits, template_columns
 from nanot5.errors import ConfigError, DataError
 
@@ -232,3 +232,7 @@ def test_finetune_sets_from_a_config(tmp_path, t5_tokenizer_dir):
     lines = "\n".join(sets.describe())
     assert "train: 24 examples from" in lines and "6 of 30 training records held out" in lines
     assert "inputs cut to data.max_seq_len=6" in lines
+    assert prediction_records(cfg, tok) == sets.validation_records
+    # predicting a file without a validation split: every record
+    cfg = load_config(["mode=ft", f"data.source={path}", "data.input_column=src", "data.target_column=tgt"])
+    assert [r["input"] for r in prediction_records(cfg, tok)] == [r["src"] for r in rows]

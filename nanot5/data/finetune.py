@@ -72,7 +72,7 @@ def finetune_sets(cfg, tokenizer, *, validation: bool = True) -> FinetuneSets:
     if d.source == "sni":
         from nanot5.data.sni import SNIExamples, load_sni
 
-        skipped = {"train": Counter(), "validation": Counter()}
+        skipped: dict[str, Counter] = {"train": Counter(), "validation": Counter()}
         records = load_sni(d.sni_dir, "train", split=d.sni_split,
                            max_num_instances_per_task=d.max_num_instances_per_task, seed=cfg.seed,
                            skipped=skipped["train"])
@@ -81,12 +81,7 @@ def finetune_sets(cfg, tokenizer, *, validation: bool = True) -> FinetuneSets:
                       train_tokens=train.stats)
         val, val_records = None, None
         if validation:
-            test = load_sni(d.sni_dir, "test", split=d.sni_split,
-                            max_num_instances_per_task=d.max_num_instances_per_eval_task, skipped=skipped["validation"])
-            val = SNIExamples(test, tokenizer, seed=cfg.seed, **sni_prompt_options(d))
-            val_records = [{"id": r["id"], "input": src, "references": list(r["references"]), "task": r["task"],
-                            "category": r["categories"][0] if r["categories"] else ""}
-                           for r, src in zip(test, val.sources(0))]
+            val, val_records = _sni_validation(cfg, tokenizer, skipped["validation"])
             report.update(validation_source=f"SNI {d.sni_dir} split {d.sni_split!r} (test tasks)",
                           validation_tokens=val.stats)
         return FinetuneSets(train=train, validation=val, validation_records=val_records, sni=True, report=report)
@@ -113,3 +108,40 @@ def finetune_sets(cfg, tokenizer, *, validation: bool = True) -> FinetuneSets:
         val_records = [{"id": r["id"], "input": r["input"], "references": r["references"]}
                        for r in splits.validation]
     return FinetuneSets(train=train, validation=val, validation_records=val_records, sni=False, report=report)
+
+
+
+def prediction_records(cfg, tokenizer) -> list[dict[str, Any]]:
+    """The examples `nanot5 predict` generates for and scores: id, input (the model input text), references;
+    SNI adds task and category.
+
+    SNI: the split's test tasks (the first data.max_num_instances_per_eval_task each), prompts as in validation.
+    Other sources: the validation set fine-tuning uses (data.validation_source, the held-out
+    data.validation_fraction, or the source's own validation split), else every record of data.source
+    (predicting a file of test inputs).
+    """
+    d = cfg.data
+    if d.source == "sni":
+        return _sni_validation(cfg, tokenizer, Counter())[1]
+    from nanot5.data.seq2seq import load_seq2seq_splits
+
+    splits = load_seq2seq_splits(
+        d.source, validation_source=d.validation_source, validation_fraction=d.validation_fraction, seed=cfg.seed,
+        input_column=d.input_column, target_column=d.target_column, template=d.template,
+        target_template=d.target_template, on_error=d.on_error)
+    records = splits.validation if splits.validation is not None else splits.train
+    return [{"id": r["id"], "input": r["input"], "references": r["references"]} for r in records]
+
+
+def _sni_validation(cfg, tokenizer, skipped: Counter):
+    """SNI validation: the test tasks' examples and their prediction records (prompt as input)."""
+    from nanot5.data.sni import SNIExamples, load_sni
+
+    d = cfg.data
+    test = load_sni(d.sni_dir, "test", split=d.sni_split, max_num_instances_per_task=d.max_num_instances_per_eval_task,
+                    skipped=skipped)
+    val = SNIExamples(test, tokenizer, seed=cfg.seed, **sni_prompt_options(d))
+    records = [{"id": r["id"], "input": src, "references": list(r["references"]), "task": r["task"],
+                "category": r["categories"][0] if r["categories"] else ""}
+               for r, src in zip(test, val.sources(0))]
+    return val, records
