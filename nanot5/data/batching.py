@@ -34,6 +34,7 @@ Batch keys (torch.long tensors; S, T rounded up to a multiple of `pad_to_multipl
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -47,9 +48,10 @@ BATCHING = ("naive", "grouped", "packed")
 GROUP_SIZE = 64  # global batches per length-sorted mega-batch (grouped mode); HF's LengthGroupedSampler uses 50
 LABEL_PAD = -100
 # Row length at which attention costs as much per token as the rest of a T5 layer (see `pack_cost`). By FLOPs it
-# is ~3000-6000 tokens for T5 v1.1 small-large (4 d_kv*heads per key vs 8 d*inner + 6 d*d_ff per token), but
-# measured on CPU (t5-v1_1-small, bf16, forward+backward) a position of a 1024-token row costs ~2x one of a
-# 216-token row: softmax, masks and position biases are memory-bound. 1024 is that measurement.
+# is ~3000-6000 tokens for T5 v1.1 small-large (forward per token: 8 d*inner + 6 d*d_ff in projections and MLP,
+# 4 inner per attended key), but on CPU (t5-v1_1-small, bf16 autocast, forward+backward, 2 cores) a position of a
+# 1024-token row cost 1.6-2x one of a 216-token row: softmax, masks and position biases are memory-bound, which
+# puts it at ~600-1100 tokens. We use 1024; a GPU with fused attention is nearer the FLOP count.
 PACK_ATTENTION_TOKENS = 1024
 
 
@@ -206,15 +208,21 @@ def _spread(order: list[int], a: Sequence[int], b: Sequence[int], max_a: int, ma
             ) -> list[list[int]] | None:
     """Longest-first onto the row with the fewest input tokens that has room (LPT, Graham 1969); None if stuck."""
     rows: list[list[int]] = [[] for _ in range(n_rows)]
-    load = [[0, 0] for _ in range(n_rows)]
+    heap = [(0, 0, r) for r in range(n_rows)]  # (input load, target load, row): least-filled first
     for i in order:
-        fits = [r for r in range(n_rows) if load[r][0] + a[i] <= max_a and load[r][1] + b[i] <= max_b]
-        if not fits:
+        skipped = []
+        while heap and (heap[0][0] + a[i] > max_a or heap[0][1] + b[i] > max_b):
+            if heap[0][0] + a[i] > max_a:  # the least input-filled row is too full: every row is
+                heap = []
+                break
+            skipped.append(heapq.heappop(heap))  # no room for the target: try the next row
+        if not heap:
             return None
-        r = min(fits, key=lambda r: (load[r][0], load[r][1], r))
+        load_a, load_b, r = heapq.heappop(heap)
         rows[r].append(i)
-        load[r][0] += a[i]
-        load[r][1] += b[i]
+        heapq.heappush(heap, (load_a + a[i], load_b + b[i], r))
+        for item in skipped:
+            heapq.heappush(heap, item)
     return [row for row in rows if row]
 
 
@@ -235,9 +243,10 @@ def pack_rows(input_lengths: Sequence[int], target_lengths: Sequence[int], max_i
     """Positions of the examples in each packed row, every row within both capacities.
 
     First-fit decreasing (longest input first) gives the fewest rows R0 that fit. Fewer, longer rows are not
-    always cheaper: attention grows with the row length, and all rows are padded to the longest. So for
-    R = R0, R0 + 1, ... the examples are spread evenly over R rows (`_spread`) and the R with the lowest
-    `pack_cost` is kept; the search stops once the rows are as short as the longest example allows.
+    always cheaper: attention grows with the row length, and every row is padded to the longest. Rows cannot be
+    shorter than the longest example L, which R1 = ceil(input tokens / L) evenly filled rows nearly reach. So the
+    examples are also spread evenly (`_spread`) over R0, the midpoint, and R1-2 .. R1+2 rows, and the candidate
+    with the lowest `pack_cost` is kept (the first-fit rows on a tie).
     """
     a, b = list(input_lengths), list(target_lengths)
     if max(a) > max_input or max(b) > max_target:
@@ -246,15 +255,17 @@ def pack_rows(input_lengths: Sequence[int], target_lengths: Sequence[int], max_i
     order = sorted(range(len(a)), key=lambda i: (-a[i], -b[i], i))
     best = _first_fit(order, a, b, max_input, max_target)
     best_cost = pack_cost(best, a, b, attention_tokens)
-    for n_rows in range(len(best), len(a) + 1):
-        rows = _spread(order, a, b, max_input, max_target, n_rows)
-        if rows is None:
+    r0 = len(best)
+    r1 = -(-sum(a) // max(a))
+    candidates = sorted({r0, (r0 + r1) // 2, *(r1 + d for d in range(-2, 3))})
+    for n_rows in candidates:
+        if not r0 <= n_rows <= len(a):
             continue
-        cost = pack_cost(rows, a, b, attention_tokens)
-        if cost < best_cost:
-            best, best_cost = rows, cost
-        if max(sum(a[i] for i in row) for row in rows) <= max(a):
-            break  # rows as short as the longest example: more rows only add rows
+        rows = _spread(order, a, b, max_input, max_target, n_rows)
+        if rows is not None:
+            cost = pack_cost(rows, a, b, attention_tokens)
+            if cost < best_cost:
+                best, best_cost = rows, cost
     return best
 
 
@@ -306,6 +317,8 @@ class Seq2SeqBatches:
         batching: naive | grouped | packed.
         max_seq_len, max_target_len: the row capacity in packed mode (examples are already cut to them).
         group_size: global batches per mega-batch (grouped).
+        decoder_start_id: the model's decoder start token (T5: 0, the pad id), for packed decoder_input_ids.
+        pack_attention_tokens: the attention cost of `pack_cost` (packed), see PACK_ATTENTION_TOKENS.
     `len()` is the number of batches per epoch on each rank; the incomplete tail of a shuffled epoch is dropped
     so that every rank runs as many batches. State: epoch and batches consumed in it.
     """
@@ -313,7 +326,8 @@ class Seq2SeqBatches:
     def __init__(self, examples: Examples, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  batching: str = "grouped", pad_id: int = 0, max_seq_len: int | None = None,
                  max_target_len: int | None = None, pad_to_multiple_of: int | None = 8,
-                 group_size: int = GROUP_SIZE, decoder_start_id: int = 0):
+                 group_size: int = GROUP_SIZE, decoder_start_id: int = 0,
+                 pack_attention_tokens: float = PACK_ATTENTION_TOKENS):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         if batching == "packed" and not (max_seq_len and max_target_len):
@@ -324,6 +338,7 @@ class Seq2SeqBatches:
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.pad_id, self.pad_to_multiple_of, self.group_size = pad_id, pad_to_multiple_of, group_size
         self.max_seq_len, self.max_target_len, self.decoder_start_id = max_seq_len, max_target_len, decoder_start_id
+        self.pack_attention_tokens = pack_attention_tokens
         self.epoch = self.position = 0
         self._plan: tuple[int, list[list[int]]] | None = None
         if len(self) == 0:
@@ -360,7 +375,8 @@ class Seq2SeqBatches:
         inputs, targets = self.examples.epoch(epoch)
         xs, ys = [inputs[i] for i in index], [targets[i] for i in index]
         if self.batching == "packed":
-            rows = pack_rows([len(x) for x in xs], [len(y) for y in ys], self.max_seq_len, self.max_target_len)
+            rows = pack_rows([len(x) for x in xs], [len(y) for y in ys], self.max_seq_len, self.max_target_len,
+                             self.pack_attention_tokens)
             batch = collate_packed(xs, ys, rows, pad_id=self.pad_id, decoder_start_id=self.decoder_start_id,
                                    pad_to_multiple_of=self.pad_to_multiple_of)
             batch["index"] = [index[p] for row in rows for p in row]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanot5.data.batching import draw_targets, encode_texts
 from nanot5.errors import DataError
 
 SNI_REPO_URL = "https://github.com/allenai/natural-instructions"
@@ -432,8 +433,6 @@ class SNIExamples:
                  max_target_length: int = 128, add_task_name: bool = False, add_task_definition: bool = True,
                  num_pos_examples: int = 2, num_neg_examples: int = 0, add_explanation: bool = False,
                  tk_instruct: bool = False, seed: int = 0, keep_sources: bool = True):
-        from nanot5.data.batching import encode_texts
-
         self.records, self.seed, self.tk_instruct = records, seed, tk_instruct
         self.keep_sources = keep_sources  # False: do not hold the prompt strings (training: only tokens needed)
         self.hf = getattr(tokenizer, "hf", tokenizer)
@@ -482,8 +481,6 @@ class SNIExamples:
     def _encode_epoch(self, epoch: int) -> tuple[list[str], list[np.ndarray]]:
         if self._cache is not None and (self._cache[0] == epoch or not self.tk_instruct):
             return self._cache[1], self._cache[2]
-        from nanot5.data.batching import encode_texts
-
         lengths: list[int] = []  # prompt tokens before format_prompt's cut
         sources = self._prompts(epoch, lengths)
         ids, _ = encode_texts(self.hf, sources, self.max_source_length)
@@ -493,8 +490,6 @@ class SNIExamples:
         return sources, ids
 
     def epoch(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        from nanot5.data.batching import draw_targets
-
         inputs = self._fixed if self._fixed is not None else self._encode_epoch(epoch)[1]
         if self._targets is None or self._targets[0] != epoch:
             self._targets = (epoch, draw_targets(self.references, self.seed, epoch))
