@@ -133,6 +133,8 @@ def test_bad_records_name_file_and_line_or_are_counted(tmp_path):
         load_records(str(bad_csv), formatter=fmt_())
     recs = load_records(str(bad_csv), formatter=fmt_(), on_error="skip")
     assert [r["input"] for r in recs] == ["fine", "also"]
+    long = write(tmp_path / "long.csv", [{"document": "word " * 60_000, "summary": "long"}])  # 300 KB field
+    assert len(load_records(str(long), formatter=fmt_())[0]["input"]) == 300_000
     with pytest.raises(DataError, match="no such file or directory.*'sni'"):
         load_records(str(tmp_path / "nothing.jsonl"), formatter=fmt_())
 
@@ -199,7 +201,7 @@ def test_truncation_is_counted_and_matches_hf(tmp_path, t5_tokenizer_dir):
     tok = load_tokenizer(t5_tokenizer_dir)
     hf = AutoTokenizer.from_pretrained(str(t5_tokenizer_dir))
     inputs = [r["document"] for r in ROWS]
-    refs = [[r["summary"]] for r in ROWS] + []
+    refs = [[r["summary"]] for r in ROWS]
     refs[0] = ["cat sits", "a cat sits on a mat all day long"]
     ex = encode_examples(tok, inputs, refs, max_seq_len=8, max_target_len=4, seed=0)
     for i, text in enumerate(inputs):

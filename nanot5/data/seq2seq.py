@@ -256,6 +256,7 @@ class _Reader:
         except UnicodeDecodeError as e:
             self.bad("invalid_utf8", f"{path}: line {_line_of(data, e.start)}: invalid UTF-8")
             return
+        csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # documents longer than csv's 128 KiB default
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
         try:
             header = next(reader)
