@@ -12,6 +12,9 @@ Method
   alternating spreads noise over all modes.
 - target tokens/s = real (unpadded) target tokens of the epoch / epoch time; padding share = padded positions /
   all positions (inputs and targets together, and each alone). Padding shares need no model.
+- FLOP ratio: the epoch's matmul FLOPs on the padded shapes (`nanot5.model.flops_per_step` per batch: rows x
+  width, attention over the whole row, as block-diagonal attention computed densely costs) of naive / of each
+  mode: the speedup a compute-bound device would see, independent of machine load.
 - Packed rows need a model that keeps the examples of a row apart (segment ids: T5.forward(...,
   encoder_segment_ids=, decoder_segment_ids=)). When this nanot5's T5.forward has no such arguments, packed is
   timed as a *shape proxy*: the same packed tensors without segment ids, i.e. the same FLOPs as block-diagonal
@@ -39,7 +42,7 @@ import torch  # noqa: E402
 from nanot5.data.batching import BATCHING, Seq2SeqBatches, token_counts  # noqa: E402
 from nanot5.data.sni import SNIExamples, load_sni  # noqa: E402
 from nanot5.data.tokenizer import load_tokenizer  # noqa: E402
-from nanot5.model import T5, T5Config  # noqa: E402
+from nanot5.model import T5, T5Config, flops_per_step  # noqa: E402
 from nanot5.runtime import tune_cpu_runtime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +107,11 @@ def shares(batches: list[dict]) -> dict[str, float]:
             "rows": sum(b["input_ids"].shape[0] for b in batches)}
 
 
+def epoch_flops(cfg: T5Config, batches: list[dict]) -> float:
+    return sum(flops_per_step(cfg, b["input_ids"].shape[0], b["input_ids"].shape[1], b["labels"].shape[1])
+               for b in batches)
+
+
 def run_epoch(model, batches, segments: bool, device, bf16: bool) -> float:
     t = time.perf_counter()
     for batch in batches:
@@ -137,13 +145,16 @@ def main(argv=None) -> None:
           f"batch {args.batch}, max_seq_len {args.max_seq_len}, max_target_len {args.max_target_len} "
           f"(prompts built and tokenized in {t_encode:.1f}s)")
     pad = {m: shares(batches[m]) for m in modes}
-    print(f"\n{'mode':<8} {'rows':>6} {'padding':>8} {'input pad':>10} {'target pad':>11}")
+    cfg = model_config(args.quick)
+    flops = {m: epoch_flops(cfg, batches[m]) for m in modes}
+    print(f"\n{'mode':<8} {'rows':>6} {'padding':>8} {'input pad':>10} {'target pad':>11} {'TFLOP/epoch':>12} "
+          f"{'FLOP ratio':>11}")
     for m in modes:
-        print(f"{m:<8} {pad[m]['rows']:>6} {pad[m]['all']:>8.1%} {pad[m]['input']:>10.1%} {pad[m]['target']:>11.1%}")
+        print(f"{m:<8} {pad[m]['rows']:>6} {pad[m]['all']:>8.1%} {pad[m]['input']:>10.1%} {pad[m]['target']:>11.1%} "
+              f"{flops[m] / 1e12:>12.2f} {flops[modes[0]] / flops[m]:>10.2f}x")
     if args.padding_only:
         return
 
-    cfg = model_config(args.quick)
     torch.manual_seed(0)
     model = T5(cfg).to(device).train()
     segments = accepts_segments()
