@@ -7,9 +7,9 @@ training a t5-v1_1-small-shaped model (random init; forward + backward, bf16 aut
 Method
 - The same N examples for every mode: a seeded sample of the train-task records, one epoch each (all modes drop
   the same shuffled tail, so each mode trains on exactly the same examples with the same batch size B).
-- Modes are timed alternately in one process: each round runs one full epoch of every mode (the order rotates),
-  after one warm-up batch per mode; we report the median epoch time over rounds. The machine is shared, so
-  alternating spreads noise over all modes.
+- Modes are timed interleaved batch by batch in one process: step k runs batch k of every mode (the order
+  rotates with k), so load that drifts over seconds hits all modes alike; a mode's epoch time is the sum of its
+  batch times. After one warm-up batch per mode, `--rounds` such epochs are timed; we report the median.
 - target tokens/s = real (unpadded) target tokens of the epoch / epoch time; padding share = padded positions /
   all positions (inputs and targets together, and each alone). Padding shares need no model.
 - FLOP ratio: the epoch's matmul FLOPs on the padded shapes (`nanot5.model.flops_per_step` per batch: rows x
@@ -112,13 +112,12 @@ def epoch_flops(cfg: T5Config, batches: list[dict]) -> float:
                for b in batches)
 
 
-def run_epoch(model, batches, segments: bool, device, bf16: bool) -> float:
+def run_batch(model, batch, segments: bool, device, bf16: bool) -> float:
     t = time.perf_counter()
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**model_inputs(batch, segments, device)).loss
-        loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**model_inputs(batch, segments, device)).loss
+    loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
@@ -163,11 +162,17 @@ def main(argv=None) -> None:
           f"{args.dtype}{' autocast' if bf16 else ''}, forward+backward; packed rows "
           + ("with segment ids" if segments else "as a SHAPE PROXY (this T5.forward takes no segment ids)"))
     for m in modes:  # warm-up
-        run_epoch(model, batches[m][:1], segments, device, bf16)
+        run_batch(model, batches[m][0], segments, device, bf16)
     times: dict[str, list[float]] = {m: [] for m in modes}
+    n_batches = len(batches[modes[0]])  # every mode: the same examples, as many batches
     for r in range(args.rounds):
-        for m in modes[r % len(modes):] + modes[:r % len(modes)]:
-            times[m].append(run_epoch(model, batches[m], segments, device, bf16))
+        epoch = dict.fromkeys(modes, 0.0)
+        for k in range(n_batches):
+            shift = (k + r) % len(modes)
+            for m in modes[shift:] + modes[:shift]:
+                epoch[m] += run_batch(model, batches[m][k], segments, device, bf16)
+        for m in modes:
+            times[m].append(epoch[m])
         print(f"round {r + 1}: " + ", ".join(f"{m} {times[m][-1]:.1f}s" for m in modes), flush=True)
     base = statistics.median(times[modes[0]])
     print(f"\n{'mode':<8} {'epoch s':>8} {'target tok/s':>13} {'input tok/s':>12} {'examples/s':>11} "
