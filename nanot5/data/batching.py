@@ -25,11 +25,12 @@ Batching modes (`data.batching`), for a global batch of G = batch_size x world_s
            and batch size the user chose.
 
 The default is grouped (data.batching in nanot5/config.py). Measured with bench/finetune.py on the SNI subset in
-tests/data (train tasks, Tk-Instruct prompts, t5-v1_1-small shape, bf16, forward+backward, 2-core CPU): padding
-falls from 33% (naive) to 9% (grouped) and 11% (packed) at batch 8; at batch 32, grouped trains 1.42x and packed
-1.16x naive's target tokens/s (FLOP ratios 1.44x / 1.40x). Grouped needs nothing from the model and its rows are
-each as short as their examples; packed keeps naive's random batch composition but needs a segment-aware model,
-and its longer rows make attention (memory-bound on CPU) dearer.
+tests/data (train tasks, Tk-Instruct prompts, t5-v1_1-small shape, bf16, forward+backward, a shared 2-core CPU):
+padding falls from 33% (naive) to 9-10% (grouped) and 11-12% (packed) at batch 8; naive/mode FLOPs on the padded
+shapes are 1.34-1.37x (grouped) and 1.31x (packed) at batch 8, 1.44-1.54x and 1.40x at batch 32; timed, grouped
+trained 1.2-1.5x and packed 1.16-1.28x naive's target tokens/s (noisy: other jobs shared the cores). Grouped needs
+nothing from the model and its rows are each as short as their examples; packed keeps naive's random batch
+composition but needs a segment-aware model, and its longer rows make attention (memory-bound on CPU) dearer.
 
 Batch keys (torch.long tensors; S, T rounded up to a multiple of `pad_to_multiple_of`):
     padded: input_ids (B, S) padded with pad_id, attention_mask (B, S), labels (B, T) padded with -100
