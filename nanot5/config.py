@@ -97,10 +97,16 @@ class DataConfig:
     num_readers: int = 0  # logical corpus readers over all ranks; fix it for equal batches across world sizes (0: auto)
     shuffle_buffer: int = 10_000  # windows shuffled together per reader (0: keep document order)
     on_error: str = "raise"  # bad records: raise (stop with file:line) | skip (count and go on)
+    input_column: str = "input"  # fine-tuning: column with the model input (when data.template is "")
+    target_column: str = "target"  # fine-tuning: column with the target (a string or a list of acceptable strings)
+    template: str = ""  # fine-tuning: input built from columns, e.g. "summarize: {document}"; "" = input_column as is
+    target_template: str = ""  # fine-tuning: target built from columns, e.g. "{label}"; "" = target_column as is
+    validation_fraction: float = 0.0  # fine-tuning: hold out this seeded share of the training records
+    batching: str = "grouped"  # fine-tuning: naive (random, padded) | grouped (by length) | packed (several per row)
     sni_dir: str = "natural-instructions"  # Super-Natural Instructions checkout (splits/, tasks/)
     sni_split: str = "default"  # folder under sni_dir/splits
-    max_seq_len: int = 1024  # fine-tuning: encoder tokens per example (longer inputs are truncated)
-    max_target_len: int = 128  # fine-tuning: target tokens per example (longer targets are truncated)
+    max_seq_len: int = 1024  # fine-tuning input tokens per example; longer inputs are cut (and counted)
+    max_target_len: int = 128  # fine-tuning target tokens per example; longer targets are cut (and counted)
     max_num_instances_per_task: int = 100  # SNI: instances sampled from each training task
     max_num_instances_per_eval_task: int = 100  # SNI: first instances of each test task that are scored
     add_task_name: bool = False  # SNI prompt: start with the task name
@@ -143,6 +149,17 @@ class DataConfig:
                     f"span corruption would need {spans} sentinel tokens "
                     f"per example, more than a T5 tokenizer's {MAX_SENTINELS}; lower data.input_length or raise "
                     "data.mean_noise_span_length")
+        _check_choice("data.batching", self.batching, ("naive", "grouped", "packed"))
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.validation_fraction > 0 and self.validation_source:
+            raise ConfigError("set data.validation_source or data.validation_fraction, not both")
+        from nanot5.data.seq2seq import template_columns  # no torch: cheap
+
+        if self.template:
+            template_columns(self.template, "data.template")
+        if self.target_template:
+            template_columns(self.target_template, "data.target_template")
 
 
 @dataclass(frozen=True)
@@ -413,6 +430,21 @@ def preset_sweep(name: str) -> dict[str, list]:
     return grid
 
 
+def _is_str_field(key: str) -> bool:
+    """True when the dotted key names a `str` field of Config (False for unknown keys: _merge reports them)."""
+    cls = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        sub = _dataclass_type(cls, part)
+        if sub is None:
+            return i == len(parts) - 1 and hints[part] is str
+        cls = sub
+    return False
+
+
 # nanoT5 command-line keys whose meaning does not carry over: accepted so its command lines still run.
 NANOT5_IGNORED = {
     "model.klass": "nanot5 has one T5 implementation (equal to HF's, tested)",
@@ -434,6 +466,8 @@ def _parse_pairs(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if _is_str_field(key.strip()) and value is not None and not isinstance(value, str):
+            value = raw  # text fields take the text as typed: data.template=summarize: {document}
         pairs.append((key.strip(), value))
     return pairs
 

@@ -1,4 +1,6 @@
-"""Generation metrics: the official Super-Natural Instructions metric (exact match and ROUGE-L).
+"""Generation metrics: the official Super-Natural Instructions metric (exact match and ROUGE-L), and the
+generic metrics of fine-tuning on any seq2seq data (`compute_generation_metrics`: exact_match, rougeL, bleu,
+accuracy).
 
 Reproduces `eval/automatic/evaluation.py` of allenai/natural-instructions (commit 8540acd3; Tk-Instruct's
 `src/compute_metrics.py` has the same logic) for the default (English) track:
@@ -19,7 +21,7 @@ trailing whitespace never changes either metric. We follow the official script a
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 _PUNCTUATION = frozenset(string.punctuation)
 _SCORER = None  # one RougeScorer for the whole process: building one loads the stemmer
@@ -156,3 +158,78 @@ def format_table(results: dict[str, float], *, tasks: Sequence[str], categories:
             em, rl = results[f"exact_match_for_{name}"], results[f"rougeL_for_{name}"]
             lines.append(row(name, em, rl, counts[name]))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic generation metrics (fine-tuning on any seq2seq data)
+#
+# Every metric is 100 x a corpus score in [0, 1], rounded to 4 decimals like the SNI metric, and higher is better.
+# An instance may have several acceptable references: the per-instance metrics take the maximum over them (as the
+# SNI script does); BLEU is a corpus statistic and uses them as sacrebleu's multiple reference streams.
+
+GENERATION_METRICS = ("exact_match", "rougeL", "bleu", "accuracy")
+
+
+def label_match(prediction: str, reference: str) -> bool:
+    """`accuracy`'s per-pair test: equal strings after stripping surrounding whitespace.
+
+    Meant for label-style targets ("positive", "entailment", "3"): unlike `exact_match` it keeps case and
+    punctuation, so "Positive" != "positive". T5's own `accuracy` metric (t5/evaluation/metrics.py) compares the
+    strings as they are; we strip because a decoded generation may carry a leading/trailing space.
+    """
+    return prediction.strip() == reference.strip()
+
+
+def corpus_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """sacrebleu's corpus BLEU (its defaults: 13a tokenizer, exp smoothing, case-sensitive), 0..100.
+
+    Instances may have different numbers of references: sacrebleu takes one stream per reference position and
+    `None` where an instance has fewer (its documented way to vary the reference count).
+    """
+    import sacrebleu
+
+    width = max(len(r) for r in references)
+    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+
+
+def _max_over_refs(fn: Callable[[str, str], float]) -> Callable[[Sequence[str], Sequence[Sequence[str]]], float]:
+    def corpus(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        total = sum(max(float(fn(p, r)) for r in refs) for p, refs in zip(predictions, references))
+        return 100.0 * total / len(predictions)
+
+    return corpus
+
+
+_CORPUS_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {
+    "exact_match": _max_over_refs(exact_match),  # SNI normalisation: case, punctuation, spacing ignored
+    "rougeL": _max_over_refs(rouge_l),  # rouge_score F-measure, Porter stemmer
+    "accuracy": _max_over_refs(label_match),  # stripped string equality
+    "bleu": corpus_bleu,
+}
+
+
+def compute_generation_metrics(
+    predictions: Sequence[str | None],
+    references: Sequence[str | Sequence[str]],
+    metrics: Sequence[str] = ("exact_match", "rougeL"),
+) -> dict[str, float]:
+    """The named metrics (any of GENERATION_METRICS) of predictions against references.
+
+    Args:
+        predictions: one string per instance; None (a missing prediction) counts as "".
+        references: per instance a string, or a non-empty list of acceptable strings.
+        metrics: names, in the order of the returned dict.
+    Returns:
+        {name: 100 x corpus score, rounded to 4 decimals}; every metric is 0.0 with no instances.
+        exact_match, rougeL and accuracy average the per-instance maximum over references; bleu is sacrebleu's
+        corpus BLEU with all references.
+    """
+    unknown = [m for m in metrics if m not in _CORPUS_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(GENERATION_METRICS)}")
+    refs = [[r] if isinstance(r, str) else r for r in references]
+    preds = _check(predictions, refs)
+    if not preds:
+        return {m: 0.0 for m in metrics}
+    return {m: round(_CORPUS_METRICS[m](preds, refs), 4) for m in metrics}

@@ -334,3 +334,81 @@ def test_prepare_clones_and_explains_failure(tmp_path, capsys):
     assert prepare_sni_main([str(tmp_path / "other"), "--url", f"file://{tmp_path}/nothing-here"]) == 1
     err = capsys.readouterr().err
     assert "git clone --depth 1" in err and "data.sni_dir" in err
+
+
+# --- which instances: Tk-Instruct's seeded sample for training tasks, the first N for test tasks -----------------
+
+
+def _write_sni(root, tasks: dict[str, list], train: list[str], test: list[str]):
+    (root / "tasks").mkdir(parents=True)
+    (root / "splits" / "x").mkdir(parents=True)
+    for name, instances in tasks.items():
+        body = {"Definition": [f"Do {name}."], "Categories": ["Misc."], "Positive Examples": [],
+                "Instances": instances}
+        (root / "tasks" / f"{name}.json").write_text(json.dumps(body))
+    (root / "splits" / "x" / "train_tasks.txt").write_text("".join(n + "\n" for n in train))
+    (root / "splits" / "x" / "test_tasks.txt").write_text("".join(n + "\n" for n in test))
+    return root
+
+
+def test_train_tasks_are_a_seeded_sample_as_tk_instruct(tmp_path):
+    import random
+
+    tasks = {f"task{k}_t": [{"id": f"t{k}-{i}", "input": f"x{i}", "output": [f"y{i}"]} for i in range(10 + k)]
+             for k in range(3)}
+    root = _write_sni(tmp_path, tasks, train=["task2_t", "task0_t"], test=["task1_t"])
+    # Tk-Instruct's ni_dataset.py, written out: one RNG (seeded once) shuffles every listed train task's
+    # instances in list order; each task keeps the first N; test tasks keep the file's first N
+    rng = random.Random(7)
+    want = []
+    for name in ["task2_t", "task0_t"]:
+        instances = list(tasks[name])
+        rng.shuffle(instances)
+        want += [i["id"] for i in instances[:4]]
+    got = [r["id"] for r in load_sni(root, "train", split="x", max_num_instances_per_task=4, seed=7)]
+    assert got == want
+    assert got[:4] != ["t2-0", "t2-1", "t2-2", "t2-3"]  # not the first N
+    assert [r["id"] for r in load_sni(root, "train", split="x", max_num_instances_per_task=4, seed=8)] != want
+    assert [r["id"] for r in load_sni(root, "test", split="x", max_num_instances_per_task=4, seed=7)] == \
+        ["t1-0", "t1-1", "t1-2", "t1-3"]
+    assert [r["id"] for r in load_sni(root, "train", split="x", max_num_instances_per_task=4, seed=None)] == \
+        ["t2-0", "t2-1", "t2-2", "t2-3", "t0-0", "t0-1", "t0-2", "t0-3"]  # seed=None: the old first-N rule
+
+
+def test_staged_train_tasks_sampled_test_tasks_first_n(sni_dir):
+    train = load_sni(sni_dir, "train", split="small", max_num_instances_per_task=5)  # default seed 0
+    first = load_sni(sni_dir, "train", split="small", max_num_instances_per_task=5, seed=None)
+    assert len(train) == len(first) == 50 and [r["task"] for r in train] == [r["task"] for r in first]
+    assert [r["id"] for r in train] != [r["id"] for r in first]
+    assert train == load_sni(sni_dir, "train", split="small", max_num_instances_per_task=5)  # deterministic
+    test = load_sni(sni_dir, "test", split="small", max_num_instances_per_task=5)
+    raw = json.loads((sni_dir / "tasks" / f"{test[0]['task']}.json").read_text(encoding="utf-8"))
+    assert [r["id"] for r in test[:5]] == [i["id"] for i in raw["Instances"][:5]]
+
+
+def test_unusable_instances_are_skipped_and_counted(tmp_path, tok):
+    from collections import Counter
+
+    instances = [
+        {"id": "a", "input": "fine", "output": ["yes"]},
+        {"id": "b", "input": "no answer", "output": []},
+        {"id": "c", "input": None, "output": ["x"]},
+        {"id": "d", "input": "null answer", "output": None},
+        {"id": "e", "input": "also fine", "output": ["", "no"]},
+    ]
+    root = _write_sni(tmp_path, {"task1_a": instances, "task2_b": instances}, train=["task1_a"], test=["task2_b"])
+    for subset in ("train", "test"):
+        skipped = Counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recs = load_sni(root, subset, split="x", skipped=skipped)
+        assert sorted(r["id"] for r in recs) == ["a", "e"]
+        assert skipped == Counter(empty_output=2, null_input=1)
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 1 and f"skipped 3 {subset} instances" in msgs[0] and "null input" in msgs[0]
+        batch = SNICollator(tok)(recs)  # what is left collates: no traceback hours into a run
+        assert batch["labels"].shape[0] == 2
+    # the count applies to the selected instances: with N=1 only instance "a" is looked at in the test task
+    skipped = Counter()
+    assert [r["id"] for r in load_sni(root, "test", split="x", max_num_instances_per_task=1, skipped=skipped)] == ["a"]
+    assert not skipped

@@ -20,11 +20,16 @@ import string
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from nanot5.data.batching import draw_targets, encode_texts
+from nanot5.errors import DataError
 
 SNI_REPO_URL = "https://github.com/allenai/natural-instructions"
 
@@ -63,46 +68,62 @@ def _as_text(value: Any) -> str:
 
 
 def load_task(
-    path: str | Path, *, max_num_instances: int | None = 100, shuffle_seed: int | None = None
+    path: str | Path,
+    *,
+    max_num_instances: int | None = 100,
+    shuffle_seed: int | None = None,
+    rng: random.Random | None = None,
+    skipped: Counter | None = None,
 ) -> list[dict[str, Any]]:
     """Records of one task file, the first `max_num_instances` instances (all of them with None).
 
     Each record is a plain dict: id, task, categories, definition, positive_examples, negative_examples
     (lists of {"input", "output", "explanation"}), input, references (list of strings; may hold "").
     Upstream quirks are tolerated: a NaN in `URL` (Python's json accepts it; the field is not kept) and
-    empty-string references. With `shuffle_seed` the instances are shuffled before truncation, as Tk-Instruct's
-    ni_dataset.py does with its global RNG; the test split's first 100 are the official evaluation instances.
+    empty-string references. With `rng` (or a fresh `random.Random(shuffle_seed)`) the instances are shuffled
+    before truncation, as Tk-Instruct's ni_dataset.py does for training tasks; the test split's first 100 are the
+    official evaluation instances.
+
+    An instance that cannot be trained on or scored, one with an empty (or null) `output` list or a null `input`,
+    is dropped after the selection and counted in `skipped` ("empty_output", "null_input"), never an error.
     """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     for key in ("Definition", "Positive Examples", "Instances"):
         if key not in data:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise DataError(f"{path}: missing key {key!r}")
     task = path.stem
     categories = [str(c) for c in data.get("Categories", [])]
     definition = _as_text(data["Definition"])
     pos = [_example(path, "Positive Examples", i, e) for i, e in enumerate(data["Positive Examples"])]
     neg = [_example(path, "Negative Examples", i, e) for i, e in enumerate(data.get("Negative Examples", []))]
 
-    instances = list(data["Instances"])
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(instances)
+    # (position in the file, instance): messages name the instance's index in the file whatever the order
+    instances = list(enumerate(data["Instances"]))
+    if rng is None and shuffle_seed is not None:
+        rng = random.Random(shuffle_seed)
+    if rng is not None:
+        rng.shuffle(instances)
     if max_num_instances is not None and max_num_instances >= 0:
         instances = instances[:max_num_instances]
 
     records = []
-    for i, inst in enumerate(instances):
+    for i, inst in instances:
         for key in ("input", "output"):
-            if key not in inst:
-                raise ValueError(f"{path}: Instances[{i}] has no {key!r}")
+            if not isinstance(inst, dict) or key not in inst:
+                raise DataError(f"{path}: Instances[{i}] has no {key!r}")
         refs = inst["output"]
         if isinstance(refs, str):  # a few community copies store a single reference as a string
             refs = [refs]
+        if refs is None or refs == [] or inst["input"] is None:
+            if skipped is not None:
+                skipped["null_input" if inst["input"] is None else "empty_output"] += 1
+            continue
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-            raise ValueError(f"{path}: Instances[{i}] 'output' must be a list of strings, got {refs!r}")
+            raise DataError(f"{path}: Instances[{i}] 'output' must be a list of strings, got {refs!r}")
         records.append(
             dict(
                 id=str(inst.get("id", f"{task}-{i}")),
@@ -134,6 +155,8 @@ def load_sni(
     split: str = "default",
     max_num_instances_per_task: int | None = 100,
     shuffle_seed: int | None = None,
+    seed: int | None = 0,
+    skipped: Counter | None = None,
 ) -> list[dict[str, Any]]:
     """All records of the tasks listed in `<sni_dir>/splits/<split>/<subset>_tasks.txt`.
 
@@ -141,9 +164,19 @@ def load_sni(
         sni_dir: a natural-instructions checkout (holds `splits/` and `tasks/`).
         subset: "train" or "test" (also any other `<subset>_tasks.txt`, e.g. "dev", if the split has one).
         split: the folder under `splits/` ("default" is the official English split of 756 train / 119 test tasks).
-        max_num_instances_per_task: keep the first N instances of every task (100, as Tk-Instruct and nanoT5).
-        shuffle_seed: shuffle each task's instances before keeping N (see `load_task`); None keeps file order.
+        max_num_instances_per_task: instances kept per task (100, as Tk-Instruct and nanoT5).
+        seed: how the instances are chosen, following Tk-Instruct's ni_dataset.py (nanoT5 uses the same file).
+            Test tasks: the first N in file order (upstream puts the 100 label-balanced evaluation instances
+            first; it also shuffles those 100 before cutting to N, which changes nothing for the official N=100).
+            Any other subset: a random sample of N, drawn by shuffling each task's instances and keeping the
+            first N, with ONE `random.Random(seed)` that runs through the tasks in list order (upstream shuffles
+            with Python's global `random`, seeded once with the run's seed, in the same order). None: the first
+            N of every task (nanot5 before this fix).
+        shuffle_seed: shuffle each task's instances with its own `random.Random(shuffle_seed)` before keeping N,
+            in any subset (overrides `seed`).
+        skipped: if given, counts of dropped instances (see `load_task`) are added to it.
     Listed tasks without a file are skipped with one warning giving their count; if none is found, an error.
+    Instances with an empty output list or a null input are skipped with one warning giving their count.
     """
     sni_dir = Path(sni_dir)
     split_dir = sni_dir / "splits" / split
@@ -169,11 +202,21 @@ def load_sni(
             f"skipped (first: {missing[0]})",
             stacklevel=2,
         )
+    rng = None
+    if shuffle_seed is None and seed is not None and subset != "test":
+        rng = random.Random(seed)
+    dropped: Counter = Counter()
     records = []
     for name in present:
-        records += load_task(
-            task_dir / f"{name}.json", max_num_instances=max_num_instances_per_task, shuffle_seed=shuffle_seed
-        )
+        records += load_task(task_dir / f"{name}.json", max_num_instances=max_num_instances_per_task,
+                             shuffle_seed=shuffle_seed, rng=rng, skipped=dropped)
+    if dropped:
+        what = ", ".join(f"{n} with {'a null input' if k == 'null_input' else 'an empty output list'}"
+                         for k, n in sorted(dropped.items()))
+        warnings.warn(f"SNI: skipped {sum(dropped.values())} {subset} instances that cannot be used ({what})",
+                      stacklevel=2)
+    if skipped is not None:
+        skipped.update(dropped)
     return records
 
 
@@ -210,6 +253,7 @@ def format_prompt(
     num_pos_examples: int = 2,
     num_neg_examples: int = 0,
     add_explanation: bool = False,
+    _full_length: list[int] | None = None,
 ) -> str:
     """The Tk-Instruct source string of one record.
 
@@ -224,7 +268,8 @@ def format_prompt(
     `definition + " ".join(kept examples) + this example + task_input` is <= max_source_length (Tk-Instruct's
     test: it leaves out the task name and joins the kept examples with spaces, though the prompt joins them with
     ""; negative examples are tested after all kept positive ones). A final prompt longer than max_source_length
-    tokens is cut to its first max_source_length tokens and decoded without special tokens.
+    tokens is cut to its first max_source_length tokens and decoded without special tokens. (`_full_length`, if
+    given, gets the token count of the prompt before that cut appended: SNIExamples counts truncations with it.)
     """
     task_input = _end_sentence("Now complete the following example -\n" + f"Input: {record['input'].strip()}")
     task_input += "\nOutput: "
@@ -248,6 +293,8 @@ def format_prompt(
 
     source = task_name + definition + "".join(pos) + "".join(neg) + task_input
     ids = tokenizer(source)["input_ids"]
+    if _full_length is not None:
+        _full_length.append(len(ids))
     if len(ids) <= max_source_length:
         return source
     return tokenizer.decode(ids[:max_source_length], skip_special_tokens=True)
@@ -365,6 +412,87 @@ class SNICollator:
             references=[list(r["references"]) for r in records],
         )
         return batch
+
+
+class SNIExamples:
+    """SNI records as tokenized examples for `nanot5.data.batching` (length-grouped or packed batches).
+
+    The tokens are SNICollator's, token for token: the prompt of `format_prompt` and the drawn reference, each
+    tokenized with truncation to max_source_length / max_target_length. Choices are drawn per epoch instead of
+    per batch (a pure function of seed and epoch, for exact resume and length-aware batching): each example's
+    reference (`batching.draw_targets`) and, with tk_instruct=True, its prompt layout (one of
+    TK_INSTRUCT_ENCODINGS, random.Random(f"{seed}:{epoch}:layout")). Without tk_instruct the prompts are built
+    and tokenized once.
+
+    Fields: records, stats (see batching.encode_examples), layouts(epoch) (tk_instruct: the layout index drawn for
+    each example), sources(epoch) (the prompt strings, e.g. for generation).
+    """
+
+    def __init__(self, records: list[dict[str, Any]], tokenizer: Any, *, max_source_length: int = 1024,
+                 max_target_length: int = 128, add_task_name: bool = False, add_task_definition: bool = True,
+                 num_pos_examples: int = 2, num_neg_examples: int = 0, add_explanation: bool = False,
+                 tk_instruct: bool = False, seed: int = 0, keep_sources: bool = True):
+        self.records, self.seed, self.tk_instruct = records, seed, tk_instruct
+        self.keep_sources = keep_sources  # False: do not hold the prompt strings (training: only tokens needed)
+        self.hf = getattr(tokenizer, "hf", tokenizer)
+        self.max_source_length, self.max_target_length = max_source_length, max_target_length
+        self.prompt_options = dict(add_task_name=add_task_name, add_task_definition=add_task_definition,
+                                   num_pos_examples=num_pos_examples, num_neg_examples=num_neg_examples,
+                                   add_explanation=add_explanation)
+        flat = [ref for r in records for ref in r["references"]]
+        ref_ids, ref_lens = encode_texts(self.hf, flat, max_target_length)
+        self.references, k = [], 0
+        for r in records:
+            self.references.append(ref_ids[k:k + len(r["references"])])
+            k += len(r["references"])
+        self._cache: tuple[int, list[str], list[np.ndarray]] | None = None
+        self._targets: tuple[int, list[np.ndarray]] | None = None
+        self._fixed = None
+        inputs = self._encode_epoch(0)[1]
+        self.stats = {"examples": len(records), "inputs_truncated": self._truncated,
+                      "targets_truncated": sum(n > max_target_length for n in ref_lens),
+                      "max_input_tokens": self._longest, "max_target_tokens": max(ref_lens, default=0)}
+        if not tk_instruct:
+            self._fixed = inputs
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def layouts(self, epoch: int) -> list[int]:
+        """Index into TK_INSTRUCT_ENCODINGS of each example's prompt layout in `epoch` (tk_instruct mode)."""
+        rng = random.Random(f"{self.seed}:{epoch}:layout")
+        return [rng.randrange(len(TK_INSTRUCT_ENCODINGS)) for _ in self.records]
+
+    def sources(self, epoch: int = 0) -> list[str]:
+        """The prompt strings of `epoch` (built again when keep_sources=False)."""
+        if self.keep_sources:
+            return self._encode_epoch(epoch)[0]
+        return self._prompts(epoch)
+
+    def _prompts(self, epoch: int, lengths: list[int] | None = None) -> list[str]:
+        if self.tk_instruct:
+            options = [TK_INSTRUCT_ENCODINGS[k] for k in self.layouts(epoch)]
+        else:
+            options = [self.prompt_options] * len(self.records)
+        return [format_prompt(r, tokenizer=self.hf, max_source_length=self.max_source_length, _full_length=lengths,
+                              **o) for r, o in zip(self.records, options)]
+
+    def _encode_epoch(self, epoch: int) -> tuple[list[str], list[np.ndarray]]:
+        if self._cache is not None and (self._cache[0] == epoch or not self.tk_instruct):
+            return self._cache[1], self._cache[2]
+        lengths: list[int] = []  # prompt tokens before format_prompt's cut
+        sources = self._prompts(epoch, lengths)
+        ids, _ = encode_texts(self.hf, sources, self.max_source_length)
+        self._truncated = sum(n > self.max_source_length for n in lengths)
+        self._longest = max(lengths, default=0)
+        self._cache = (epoch, sources if self.keep_sources else [], ids)
+        return sources, ids
+
+    def epoch(self, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        inputs = self._fixed if self._fixed is not None else self._encode_epoch(epoch)[1]
+        if self._targets is None or self._targets[0] != epoch:
+            self._targets = (epoch, draw_targets(self.references, self.seed, epoch))
+        return inputs, self._targets[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -52,12 +52,13 @@ def demo_dir() -> Path:
     return cache_root() / "corpora" / "demo"
 
 
-def file_format(path: str | Path) -> tuple[str, str]:
-    """(format, compression) of a file from its name, e.g. 'a.jsonl.zst' -> ('.jsonl', '.zst')."""
+def file_format(path: str | Path, formats: tuple[str, ...] = FORMATS) -> tuple[str, str]:
+    """(format, compression) of a file from its name, e.g. 'a.jsonl.zst' -> ('.jsonl', '.zst');
+    format is "" when the name ends in none of `formats`."""
     name = str(path).lower()
     comp = next((c for c in COMPRESSIONS if name.endswith(c)), "")
     base = name[: len(name) - len(comp)]
-    fmt = next((f for f in FORMATS if base.endswith(f)), "")
+    fmt = next((f for f in formats if base.endswith(f)), "")
     return fmt, comp
 
 
@@ -314,17 +315,17 @@ def _split_of(path: Path) -> str | None:
     return None
 
 
-def find_files(spec: str, split: str | None = None) -> list[Path]:
+def find_files(spec: str, split: str | None = None, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """Sorted data files of a path, directory (recursive) or glob. In a directory whose files are
-    named by split (train-*, *validation*), only `split`'s files."""
+    named by split (train-*, *validation*), only `split`'s files. `formats`: the accepted file types."""
     path = Path(spec).expanduser()
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p)[0])
+        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p, formats)[0])
         if not files:
             raise DataError(f"{spec}: no data files in directory (supported: "
-                            f"{', '.join(FORMATS)}, optionally {', '.join(COMPRESSIONS)})")
+                            f"{', '.join(formats)}, optionally {', '.join(COMPRESSIONS)})")
         named = {p: _split_of(p.relative_to(path)) for p in files}
         if split and any(named.values()):
             files = [p for p in files if named[p] == split]
@@ -340,8 +341,8 @@ def find_files(spec: str, split: str | None = None) -> list[Path]:
         raise DataError(f"{spec}: no such file or directory (a source is 'c4', 'hf:NAME[:CONFIG][:SPLIT]', "
                         "'demo', or a local file, directory or glob)")
     for p in files:
-        if not file_format(p)[0]:
-            raise DataError(f"{p}: unsupported file type (supported: {', '.join(FORMATS)}, "
+        if not file_format(p, formats)[0]:
+            raise DataError(f"{p}: unsupported file type (supported: {', '.join(formats)}, "
                             f"optionally compressed {', '.join(COMPRESSIONS)})")
     return files
 
