@@ -50,11 +50,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from nanot5.data import LABEL_PAD
 from nanot5.errors import DataError
 
 BATCHING = ("naive", "grouped", "packed")
 GROUP_SIZE = 64  # global batches per length-sorted mega-batch (grouped mode); HF's LengthGroupedSampler uses 50
-LABEL_PAD = -100
 # Row length at which attention costs as much per token as the rest of a T5 layer (see `pack_cost`). By FLOPs it
 # is ~3000-6000 tokens for T5 v1.1 small-large (forward per token: 8 d*inner + 6 d*d_ff in projections and MLP,
 # 4 inner per attended key), but on CPU (t5-v1_1-small, bf16 autocast, forward+backward, 2 cores) a position of a

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nanot5.data import LABEL_PAD
 from nanot5.data.span_corruption import compute_lengths, span_corrupt, span_counts
 from nanot5.data.tokenizer import Tokenizer, load_tokenizer
 from nanot5.errors import ConfigError
@@ -70,7 +71,6 @@ from nanot5.errors import ConfigError
 __all__ = ["Denoiser", "Mixture", "parse_mixture", "format_mixture", "prefix_lm", "add_mode_tokens",
            "mode_token_ids", "MODE_TOKENS", "DEFAULT_UL2_MIXTURE", "LABEL_PAD", "OBJECTIVES"]
 
-LABEL_PAD = -100  # target positions beyond a denoiser's own target length (ignored by the loss)
 MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}  # UL2's paradigm tokens, in the order they are added
 OBJECTIVES = ("span", "ul2", "prefix_lm")  # data.objective: what pre-training batches teach
 # UL2's seven denoisers (Tay et al. 2022, sec. 3.1.2), 40% R / 40% X / 20% S

@@ -42,7 +42,7 @@ from nanot5.errors import ConfigError, DataError
 
 log = logging.getLogger("nanot5.data")
 
-FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+RECORD_FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 class _BadRecord(Exception):
@@ -209,7 +209,7 @@ class _Reader:
         self.skipped[kind] += 1
 
     def records(self, path: Path) -> Iterator[tuple[str, Any]]:
-        fmt, comp = file_format(path, FORMATS)
+        fmt, comp = file_format(path, RECORD_FORMATS)
         try:
             if fmt == ".parquet":
                 yield from self._parquet(path)
@@ -294,8 +294,8 @@ class _Reader:
 def _local_files(spec: str, split: str) -> list[Path]:
     if not any(c in spec for c in "*?[") and not Path(spec).expanduser().exists():
         raise DataError(f"{spec}: no such file or directory (data.source is 'sni', 'hf:NAME[:CONFIG][:SPLIT]' or "
-                        f"a local {'/'.join(FORMATS)} file, directory or glob)")
-    return find_files(spec, split, FORMATS)
+                        f"a local {'/'.join(RECORD_FORMATS)} file, directory or glob)")
+    return find_files(spec, split, RECORD_FORMATS)
 
 
 def _has_split_files(spec: str, split: str) -> bool:
@@ -304,7 +304,7 @@ def _has_split_files(spec: str, split: str) -> bool:
     if not path.is_dir():
         return False
     return any(_split_of(p.relative_to(path)) == split for p in path.rglob("*")
-               if p.is_file() and file_format(p, FORMATS)[0])
+               if p.is_file() and file_format(p, RECORD_FORMATS)[0])
 
 
 def load_records(spec: str, *, split: str = "train", formatter: RecordFormatter, on_error: str = "raise",
