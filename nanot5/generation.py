@@ -33,6 +33,9 @@ computed once per input row and shared by its beams (each batch item's beams att
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -48,8 +51,11 @@ def check_generate_args(model: T5, input_ids: torch.Tensor, attention_mask: torc
                         temperature: float, top_k: int, top_p: float, min_new_tokens: int,
                         num_return_sequences: int, generator: torch.Generator | None) -> None:
     """Raise a ValueError naming the first bad argument of `T5.generate`."""
-    def is_int(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
+    def is_int(x) -> bool:  # Python or NumPy integers, not bools
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    def is_real(x) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -74,9 +80,8 @@ def check_generate_args(model: T5, input_ids: torch.Tensor, attention_mask: torc
                          f"got {eos_token_id!r}")
     if not is_int(num_beams) or num_beams < 1:
         raise ValueError(f"generate: num_beams must be an int >= 1, got {num_beams!r}")
-    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) \
-            or length_penalty != length_penalty:
-        raise ValueError(f"generate: length_penalty must be a number, got {length_penalty!r}")
+    if not is_real(length_penalty) or not math.isfinite(length_penalty):
+        raise ValueError(f"generate: length_penalty must be a finite number, got {length_penalty!r}")
     if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
         raise ValueError(f"generate: early_stopping must be True, False or 'never', got {early_stopping!r}")
     if not is_int(num_return_sequences) or num_return_sequences < 1:
@@ -90,13 +95,12 @@ def check_generate_args(model: T5, input_ids: torch.Tensor, attention_mask: torc
         raise ValueError(f"generate: no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
     if not isinstance(do_sample, bool):
         raise ValueError(f"generate: do_sample must be True or False, got {do_sample!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
-            or not 0.0 < temperature < float("inf"):
+    if not is_real(temperature) or not 0.0 < temperature < math.inf:
         raise ValueError(f"generate: temperature must be a finite number > 0 (for greedy decoding use "
                          f"do_sample=False), got {temperature!r}")
     if not is_int(top_k) or top_k < 0:
         raise ValueError(f"generate: top_k must be an int >= 0 (0: off), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+    if not is_real(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1] (1: off), got {top_p!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -238,13 +242,17 @@ def generate(model: T5, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Decode `input_ids` (B, S) -> (B * num_return_sequences, L) new tokens, L <= max_new_tokens;
     see `T5.generate`."""
-    opts = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, num_beams=num_beams,
-                length_penalty=length_penalty, early_stopping=early_stopping,
-                no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample, temperature=temperature,
-                top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
-                num_return_sequences=num_return_sequences, generator=generator)
-    check_generate_args(model, input_ids, attention_mask, **opts)
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    check_generate_args(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                        no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
+                        num_return_sequences=num_return_sequences, generator=generator)
+    max_new_tokens, num_beams, num_return_sequences = int(max_new_tokens), int(num_beams), int(num_return_sequences)
+    opts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=float(length_penalty),
+                early_stopping=early_stopping, no_repeat_ngram_size=int(no_repeat_ngram_size), do_sample=do_sample,
+                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                min_new_tokens=int(min_new_tokens), num_return_sequences=num_return_sequences, generator=generator)
+    eos = int(model.config.eos_token_id if eos_token_id is None else eos_token_id)
     B = input_ids.shape[0]
     if max_new_tokens == 0 or B == 0:
         return input_ids.new_zeros((B * num_return_sequences, 0), dtype=torch.long)
@@ -291,7 +299,7 @@ def _beam_search(model: T5, state: DecoderState, B: int, eos: int, opts: dict) -
     module docstring. Returns each input's num_return_sequences best finished hypotheses, best
     first, pad after EOS."""
     cfg, n, nb = model.config, opts["max_new_tokens"], opts["num_beams"]
-    lp, early = float(opts["length_penalty"]), opts["early_stopping"]
+    lp, early = opts["length_penalty"], opts["early_stopping"]
     device = state.memory.device
     K = 2 * nb  # candidates per input and step: at most nb of them end in EOS, so nb can continue
     rows_of_input = torch.arange(B, device=device)[:, None] * nb  # (B, 1) first row of each input

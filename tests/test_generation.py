@@ -167,6 +167,20 @@ def test_beam_search_matches_transformers(pair, length_penalty, early_stopping):
     pair.assert_same(best, pair.run_hf(**kw))
 
 
+def test_beam_search_without_eos_matches_transformers(pair):
+    """eos_token_id < 0 never stops early (HF: eos_token_id None): every hypothesis has max_new_tokens."""
+    saved = pair.hf.generation_config.eos_token_id
+    pair.hf.generation_config.eos_token_id = None
+    try:
+        ref = pair.hf.generate(input_ids=pair.ids, attention_mask=pair.mask, max_new_tokens=MAX_NEW, do_sample=False,
+                               num_beams=4, num_return_sequences=4, pad_token_id=PAD)[:, 1:]
+    finally:
+        pair.hf.generation_config.eos_token_id = saved
+    got = pair.ours.generate(pair.ids, attention_mask=pair.mask, max_new_tokens=MAX_NEW, eos_token_id=-1,
+                             num_beams=4, num_return_sequences=4)
+    assert got.shape == (16, MAX_NEW) and torch.equal(got, ref)
+
+
 def test_beam_settings_are_exercised(pair):
     """The parity cases above differ from each other: length penalty and early stopping matter here."""
     outs = {(lp, es): pair.run_ours(num_beams=4, num_return_sequences=4, length_penalty=lp, early_stopping=es)
@@ -338,7 +352,8 @@ def test_bad_arguments_raise_clear_errors():
         (dict(min_new_tokens=20, max_new_tokens=10), "min_new_tokens must be an int in"),
         (dict(num_beams=0), "num_beams must be an int >= 1"),
         (dict(early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
-        (dict(length_penalty="long"), "length_penalty must be a number"),
+        (dict(length_penalty="long"), "length_penalty must be a finite number"),
+        (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
         (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size must be an int >= 0"),
         (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),
         (dict(do_sample=True, top_k=-1), "top_k must be an int >= 0"),
@@ -349,6 +364,10 @@ def test_bad_arguments_raise_clear_errors():
         (dict(do_sample=True, generator=123), "generator must be a torch.Generator"),
         (dict(eos_token_id="</s>"), "eos_token_id must be an int"),
     ]
+    import numpy as np  # NumPy numbers (e.g. from a config) are accepted
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=np.int64(3), num_beams=np.int64(2),
+                        length_penalty=np.float32(0.5))
+    assert out.shape[0] == 4 and out.shape[1] <= 3
     for kw, match in cases:
         args = dict(input_ids=ids, attention_mask=mask)
         args.update(kw)
