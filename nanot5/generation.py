@@ -11,19 +11,19 @@ the tokens equal HF's for the same weights and arguments (tests/test_generation.
   of all beams by summed log-probability; the best num_beams of those that did not just emit EOS
   keep running, and those among the first num_beams that emitted EOS (or reached max_new_tokens)
   compete for the num_beams finished slots with score sum_logprob / len ** length_penalty, where
-  len counts the new tokens, EOS included (HF's convention since transformers 4.36; the decoder
-  start token is not counted). A batch item stops taking hypotheses when it cannot improve
+  len counts the new tokens, EOS included (as transformers 5 does; older versions also counted
+  the decoder start token). A batch item stops taking hypotheses when it cannot improve
   (`early_stopping=False`: the best running beam, scored at its current length, is not above the
   worst finished one; `"never"`: the same test at max_new_tokens when length_penalty > 0; `True`:
   as soon as num_beams hypotheses are finished). Dead branches are excluded by adding -1e9, as HF
   does, so that ties resolve the same way.
-- sampling draws from `generator` only (never the global RNG): a seeded generator reproduces its
-  tokens, and, as HF's kernels are the same, equals HF's tokens after `torch.manual_seed(seed)`.
+- sampling draws from `generator` (torch's global RNG when None): a seeded generator reproduces
+  its tokens and, as HF's kernels are the same, gives HF's tokens after `torch.manual_seed(seed)`.
 
 Differences from HF, by design: the result holds only the new tokens (HF prepends the decoder
 start token), and positions after a row's EOS hold pad_token_id (HF's beam search fills them with
-EOS, since its fill value `pad or eos` takes eos when pad_token_id is 0). Both are (B, L) with L
-the longest returned sequence. Default top_k is 0 (no top-k filter; HF's default is 50: pass
+EOS, since its fill value `pad or eos` takes eos when pad_token_id is 0). Both are
+(B * num_return_sequences, L) with L the longest returned sequence. Default top_k is 0 (no top-k filter; HF's default is 50: pass
 top_k=50 for HF's default sampling).
 
 Speed: the encoder runs once per input row; with beams, the cross-attention keys/values are

@@ -531,7 +531,8 @@ class T5(nn.Module):
           num_beams > 1: beam search, hypotheses scored sum_logprob / new_len ** length_penalty;
             early_stopping True / False / "never" as in HF;
           do_sample: sample from softmax(logits / temperature) after top_k / top_p filtering,
-            drawing only from `generator` (seed it to reproduce); with num_beams > 1, beam sampling;
+            drawing from `generator` (seed it to reproduce; None: torch's global RNG); with
+            num_beams > 1, beam sampling;
           min_new_tokens: EOS suppressed before that many new tokens;
           no_repeat_ngram_size: no n-gram of that size occurs twice in a row's decoder inputs;
           num_return_sequences: the best r hypotheses of each input (r <= num_beams), or r samples
