@@ -508,35 +508,36 @@ class T5(nn.Module):
     # ----------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 128, eos_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding with a key/value cache.
+                 max_new_tokens: int = 128, eos_token_id: int | None = None, *, num_beams: int = 1,
+                 length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_new_tokens: int = 0, num_return_sequences: int = 1,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy decoding, beam search or sampling with a key/value cache (`nanot5.generation`).
 
-        Returns (B, L) new tokens, L <= max_new_tokens (decoding stops once every row has
-        emitted EOS); rows that finished early are padded with pad_token_id after their EOS.
+        input_ids: (B, S) token ids, attention_mask: (B, S) 1/0. Returns (B * num_return_sequences, L)
+        new tokens (no start token), L <= max_new_tokens: decoding stops once every row (every
+        input's beam search) is done; positions after a row's EOS hold pad_token_id. eos_token_id:
+        None for the config's, negative to never stop early. Semantics and defaults as HF `generate`
+        except top_k (0: off; HF's default is 50):
+          num_beams > 1: beam search, hypotheses scored sum_logprob / new_len ** length_penalty;
+            early_stopping True / False / "never" as in HF;
+          do_sample: sample from softmax(logits / temperature) after top_k / top_p filtering,
+            drawing from `generator` (seed it to reproduce; None: torch's global RNG); with
+            num_beams > 1, beam sampling;
+          min_new_tokens: EOS suppressed before that many new tokens;
+          no_repeat_ngram_size: no n-gram of that size occurs twice in a row's decoder inputs;
+          num_return_sequences: the best r hypotheses of each input (r <= num_beams), or r samples
+            per input; rows i * r .. i * r + r - 1 belong to input i.
+        Arguments are checked (ValueError naming the argument).
         """
-        cfg = self.config
-        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-        B = input_ids.shape[0]
-        memory = self.encode(input_ids, attention_mask)  # (B, S, C)
-        cross_mask = padding_bias(attention_mask)
-        caches = [{"self": {"max_len": max_new_tokens}, "cross": {}} for _ in self.decoder.blocks]
-        out = torch.full((B, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=input_ids.device)
-        token = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(B, 1, dtype=torch.bool, device=input_ids.device)
-        dec = self.decoder
-        # position bias of every (query, key) pair, computed once; step t uses row t, keys 0..t
-        bias = dec.rel_bias(max_new_tokens, max_new_tokens)  # (1, H, L, L)
-        for t in range(max_new_tokens):
-            x = dec.drop(self.shared(token))  # (B, 1, C)
-            for block, cache in zip(dec.blocks, caches):
-                x = block(x, bias[:, :, t:t + 1, :t + 1], None, memory, cross_mask, cache=cache)
-            logits = self.lm_logits(dec.final_norm(x))[:, -1]  # (B, V)
-            token = logits.argmax(-1, keepdim=True).masked_fill_(done, cfg.pad_token_id)  # (B, 1)
-            out[:, t:t + 1] = token
-            done |= token == eos
-            if bool(done.all()):
-                return out[:, :t + 1]
-        return out
+        from nanot5.generation import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                        no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample, temperature=temperature,
+                        top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
+                        num_return_sequences=num_return_sequences, generator=generator)
 
     # ---------------------------------------------------------------- utils
     def num_parameters(self) -> int:
