@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,9 @@ import torch
 
 TEST_DATA = Path(__file__).resolve().parent / "data"
 
-# Tests are small; two threads match this machine and keep runs repeatable.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Test models are tiny: one thread avoids OpenMP overhead (and stalls on a shared, oversubscribed machine);
+# subprocesses the tests start get OMP_NUM_THREADS=1 for the same reason.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
