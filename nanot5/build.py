@@ -60,7 +60,9 @@ def build_tokenizer(cfg: Config):
         except (ValueError, OSError) as e:
             raise ConfigError(f"tokenizer.name={name!r}: {e}") from e
     if cfg.mode == "pt" and cfg.data.objective == "ul2" and cfg.data.ul2_mode_tokens:
-        from nanot5.data.denoisers import add_mode_tokens  # [NLU] [NLG] [S2S] after the sentinels
+        from nanot5.data.denoisers import (
+            add_mode_tokens,  # [NLU] [NLG] [S2S] after the sentinels
+        )
 
         tokenizer = add_mode_tokens(tokenizer, model_vocab_size=model_config(cfg).vocab_size)
     return tokenizer
@@ -167,24 +169,39 @@ def load_model_dir(path: str, device) -> tuple[T5, Any]:
 
 
 # ----------------------------------------------------------------------- data
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "decoder_input_ids", "decoder_attention_mask",
+                "encoder_segment_ids", "decoder_segment_ids")
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The model inputs of a batch on `device` (non-blocking from pinned memory)."""
-    keys = ("input_ids", "attention_mask", "labels", "decoder_attention_mask")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    """The model inputs of a batch on `device` (non-blocking from pinned memory); other fields stay behind."""
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+class Reiterable:
+    """An iterable that calls `make()` for a fresh iterator every time (a held-out set evaluated repeatedly)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
 
 
 class Data:
     """Training batches and held-out evaluation for one mode; training state via state_dict for resume."""
 
     def __init__(self, cfg: Config, tokenizer, env: distributed.DistEnv, micro_batch: int,
-                 num_readers: int | None = None):
-        """num_readers: the logical readers of the run being resumed (default: data.num_readers or auto)."""
+                 num_readers: int | None = None, decoder_start_id: int = 0):
+        """num_readers: the logical readers of the run being resumed (default: data.num_readers or auto);
+        decoder_start_id: the model's decoder start token (packed fine-tuning batches restart on it)."""
         self.cfg, self.env = cfg, env
+        self.sets = None  # fine-tuning: the tokenized sets and the validation records (nanot5.data.finetune)
         try:
             if cfg.mode == "pt":
                 self._pretrain(cfg, tokenizer, env, micro_batch, num_readers)
             else:
-                self._finetune(cfg, tokenizer, env, micro_batch)
+                self._finetune(cfg, tokenizer, env, micro_batch, decoder_start_id)
         except NanoT5Error:
             raise
         except (ValueError, OSError) as e:  # layout (batch vs readers/workers) and data-file problems
@@ -229,15 +246,28 @@ class Data:
                 raise ConfigError(f"data.source={d.source} has no separate validation files, so held-out loss would "
                                   "be measured on the training data; set data.validation_source (or eval.steps=0)")
 
-    def _finetune(self, cfg: Config, tokenizer, env, micro_batch: int) -> None:
-        from nanot5.data.sni import SNIBatches, load_sni
+    def _finetune(self, cfg: Config, tokenizer, env, micro_batch: int, decoder_start_id: int) -> None:
+        import itertools
 
-        records = load_sni(cfg.data.sni_dir, "train", split=cfg.data.sni_split,
-                           max_num_instances_per_task=cfg.data.max_num_instances_per_task)
-        self.train = SNIBatches(records, sni_collator(cfg, tokenizer, seed=cfg.seed + env.rank),
-                                batch_size=micro_batch, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+        from nanot5.data.batching import Seq2SeqBatches, eval_batches
+        from nanot5.data.finetune import finetune_sets
+
+        d = cfg.data
+        self.sets = sets = finetune_sets(cfg, tokenizer)
+        for line in sets.describe():
+            info(line)
+        self.train = Seq2SeqBatches(sets.train, batch_size=micro_batch, seed=cfg.seed, rank=env.rank,
+                                    world_size=env.world_size, batching=d.batching, pad_id=tokenizer.pad_id,
+                                    max_seq_len=d.max_seq_len, max_target_len=d.max_target_len,
+                                    decoder_start_id=decoder_start_id)
         self.steps_per_epoch = len(self.train) // cfg.optim.grad_acc
         self.eval_loader = None
+        if sets.validation is not None:
+            eval_bs = max(1, cfg.eval.batch_size // env.world_size) if cfg.eval.batch_size else micro_batch
+            limit = cfg.eval.steps or None  # fine-tuning: 0 = the whole validation set
+            self.eval_loader = Reiterable(lambda: itertools.islice(eval_batches(
+                sets.validation, batch_size=eval_bs, pad_id=tokenizer.pad_id, rank=env.rank,
+                world_size=env.world_size), limit))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         return next(self.iterator)
@@ -256,13 +286,3 @@ class Data:
                                   f"processes with {self.env.world_size}; resume with {len(states)}")
         self.train.load_resharded_state(states)
         self.iterator = iter(self.train)
-
-
-def sni_collator(cfg: Config, tokenizer, seed: int):
-    from nanot5.data.sni import SNICollator
-
-    d = cfg.data
-    return SNICollator(tokenizer.hf, max_source_length=d.max_seq_len, max_target_length=d.max_target_len,
-                       add_task_name=d.add_task_name, add_task_definition=d.add_task_definition,
-                       num_pos_examples=d.num_pos_examples, num_neg_examples=d.num_neg_examples,
-                       add_explanation=d.add_explanation, tk_instruct=d.tk_instruct, seed=seed)

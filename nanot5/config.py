@@ -22,6 +22,7 @@ import yaml
 
 from nanot5.data.denoisers import DEFAULT_UL2_MIXTURE, OBJECTIVES, parse_mixture
 from nanot5.errors import ConfigError
+from nanot5.metrics import GENERATION_METRICS
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -133,7 +134,11 @@ class DataConfig:
         if self.source != "sni":  # span corruption must be possible at this length (fine-tuning skips it)
             import numpy as np
 
-            from nanot5.data.span_corruption import compute_lengths, random_spans_noise_mask, span_counts
+            from nanot5.data.span_corruption import (
+                compute_lengths,
+                random_spans_noise_mask,
+                span_counts,
+            )
 
             try:
                 raw, _ = compute_lengths(self.input_length, self.mlm_probability, self.mean_noise_span_length)
@@ -176,6 +181,7 @@ class OptimConfig:
     grad_acc: int = 1  # micro-batches per optimizer step
     final_cosine: float = 1e-5  # learning rate at the end of the cosine schedule
     skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping (one host sync per step)
+    early_stopping_patience: int = 0  # stop after N evaluations without a better checkpoint.best_metric (0: never)
 
     def __post_init__(self):
         _check_choice("optim.name", self.name, OPTIMIZERS)
@@ -189,6 +195,8 @@ class OptimConfig:
             raise ConfigError("optim.final_cosine and optim.weight_decay must be >= 0")
         if self.epochs <= 0:
             check_warmup(self.warmup_steps, self.total_steps)
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"optim.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
         if self.batch_size % self.grad_acc:
             raise ConfigError(
                 f"optim.batch_size={self.batch_size} is not divisible by optim.grad_acc={self.grad_acc}: "
@@ -205,23 +213,73 @@ def check_warmup(warmup_steps: int, total_steps: int) -> None:
 @dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = 100_000  # evaluate every N optimizer steps (and at the end)
-    steps: int = 500  # held-out batches per evaluation (0: no held-out evaluation)
+    steps: int = 500  # held-out batches per evaluation (0: no held-out evaluation; fine-tuning: 0 = all)
     batch_size: int = 0  # GLOBAL evaluation batch (0: the training micro-batch per rank)
+    generate: bool = False  # fine-tuning: also generate for the validation set at every evaluation and score it
+    metrics: str = "exact_match,rougeL"  # fine-tuning: generation metrics, any of exact_match,rougeL,bleu,accuracy
+    max_examples: int = 0  # fine-tuning: validation examples generated for per evaluation (0: all)
 
     def __post_init__(self):
         _check_positive(self, "eval", "every_steps")
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "max_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+        unknown = [m for m in self.metric_names if m not in GENERATION_METRICS]
+        if unknown or not self.metric_names:
+            raise ConfigError(f"eval.metrics={self.metrics!r}: choose from {', '.join(GENERATION_METRICS)} "
+                              "(comma-separated)")
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [m.strip() for m in self.metrics.split(",") if m.strip()]
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = 0  # tokens generated at most (0: data.max_target_len)
+    min_new_tokens: int = 0  # the end-of-sequence token is suppressed before this many
+    num_beams: int = 1  # beam search when > 1
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum(log p) / length ** length_penalty
+    early_stopping: str = "false"  # beam search: true (stop at num_beams finished) | false | never, as in HF
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of this size (0: off)
+    do_sample: bool = False  # sample instead of taking the most likely token (with beams: beam sampling)
+    temperature: float = 1.0  # sampling: divide the logits by this
+    top_k: int = 0  # sampling: only the k most likely tokens (0: all)
+    top_p: float = 1.0  # sampling: only the most likely tokens that make up this probability (1: all)
+    batch_size: int = 0  # examples per generation batch (0: the training micro-batch, at least 8)
+    seed: int = 0  # sampling: seed of the generator (reproducible samples)
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "top_k", "batch_size", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"generate.{name} must be >= 0, got {getattr(self, name)}")
+        _check_positive(self, "generate", "num_beams", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}")
+        _check_choice("generate.early_stopping", self.early_stopping.lower(), ("true", "false", "never"))
+        if self.max_new_tokens and self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError("generate.min_new_tokens must be <= generate.max_new_tokens")
+
+    def kwargs(self, max_target_len: int) -> dict[str, Any]:
+        """Keyword arguments of `T5.generate` (without the generator)."""
+        stop = {"true": True, "false": False, "never": "never"}[self.early_stopping.lower()]
+        return dict(max_new_tokens=self.max_new_tokens or max_target_len, min_new_tokens=self.min_new_tokens,
+                    num_beams=self.num_beams, length_penalty=self.length_penalty, early_stopping=stop,
+                    no_repeat_ngram_size=self.no_repeat_ngram_size, do_sample=self.do_sample,
+                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 100_000  # save every N optimizer steps (and at the end, and on Ctrl-C/SIGTERM)
     keep: int = 2  # newest checkpoints of this run to keep
+    best_metric: str = ""  # keep the best model by this evaluation result in run.dir/best: loss or a generation metric
+    final: str = "best"  # what final/ holds: best (the best model, when best_metric is set) | last
 
     def __post_init__(self):
         _check_positive(self, "checkpoint", "every_steps", "keep")
+        _check_choice("checkpoint.best_metric", self.best_metric, ("", "loss", *GENERATION_METRICS))
+        _check_choice("checkpoint.final", self.final, ("best", "last"))
 
 
 @dataclass(frozen=True)
@@ -267,6 +325,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -279,6 +338,15 @@ class Config:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if not (self.device in ("auto", "cpu", "cuda", "gpu") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+        best = self.checkpoint.best_metric
+        if best in GENERATION_METRICS and not self.eval.generate:
+            raise ConfigError(f"checkpoint.best_metric={best} is a generation metric: set eval.generate=true")
+        if best in GENERATION_METRICS and self.data.source != "sni" and best not in self.eval.metric_names:
+            raise ConfigError(f"checkpoint.best_metric={best} is not in eval.metrics={self.eval.metrics!r}")
+        if self.optim.early_stopping_patience and not best:
+            raise ConfigError("optim.early_stopping_patience needs checkpoint.best_metric (what must improve)")
+        if best and self.mode == "pt" and best != "loss":
+            raise ConfigError(f"checkpoint.best_metric={best}: pre-training evaluates the held-out loss only")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -335,6 +403,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         if value is None:
             return ""
+        if isinstance(value, bool):  # YAML's true/false for a text option such as generate.early_stopping
+            return str(value).lower()
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif hint is dict or typing.get_origin(hint) is dict:

@@ -147,7 +147,10 @@ def full_state_dicts(model: torch.nn.Module, optimizer, strategy: str,
     """Unsharded model and optimizer state dicts (collective under FSDP: call on every rank)."""
     if strategy != "fsdp" or not (dist.is_available() and dist.is_initialized()):
         return model.state_dict(), optimizer.state_dict() if optimizer_too else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not optimizer_too:
@@ -158,6 +161,21 @@ def full_state_dicts(model: torch.nn.Module, optimizer, strategy: str,
     return model_state, optim_state
 
 
+def unsharded_copy(model: torch.nn.Module, strategy: str):
+    """The model with whole weights on rank 0 (under FSDP a new unsharded copy, gathered by a collective that
+    every rank must call; other ranks get None), the model itself otherwise."""
+    if strategy != "fsdp":
+        return model
+    from nanot5.model import T5
+
+    state, _ = full_state_dicts(model, None, "fsdp", optimizer_too=False)
+    if dist.get_rank() != 0:
+        return None
+    copy = T5(model.config)
+    copy.load_state_dict(state)
+    return copy
+
+
 def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict,
                           strategy: str) -> None:
     """Load unsharded state dicts; under FSDP every rank keeps only its shards."""
@@ -165,7 +183,10 @@ def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, 
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))

@@ -12,13 +12,13 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from nanot5 import distributed, faults
-from nanot5.build import autocast_context, build_tokenizer, load_model_dir, sni_collator
+from nanot5.build import autocast_context, build_tokenizer, load_model_dir
 from nanot5.config import Config, ConfigError, load_config
 from nanot5.fileio import atomic_write, atomic_write_text
 from nanot5.log import info
@@ -148,9 +148,10 @@ def fill_in_samples(model, tokenizer, batches: Iterable[dict[str, torch.Tensor]]
 # -------------------------------------------------------------- generation
 @torch.no_grad()
 def generate_texts(model, tokenizer, sources: list[str], *, batch_size: int, max_source_length: int,
-                   max_new_tokens: int, device: torch.device | str = "cpu", amp=None,
-                   progress: bool = True) -> list[str]:
-    """Greedy generations for `sources`, batched by similar length to limit padding (order preserved)."""
+                   device: torch.device | str = "cpu", amp=None, progress: bool = True, generator=None,
+                   **generate_kwargs) -> list[str]:
+    """Generations for `sources` (T5.generate's options: greedy by default, beams, sampling), batched by
+    similar length to limit padding; order preserved."""
     hf = tokenizer.hf
     encoded = hf(sources, max_length=max_source_length, truncation=True)["input_ids"]
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
@@ -171,8 +172,8 @@ def generate_texts(model, tokenizer, sources: list[str], *, batch_size: int, max
             ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
             mask[row, :len(encoded[i])] = 1
         with amp or contextlib.nullcontext():
-            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eos_id)
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), eos_token_id=tokenizer.eos_id,
+                                 generator=generator, **generate_kwargs)
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(out[row].cpu(), skip_special_tokens=True)
         if bar:
@@ -183,26 +184,40 @@ def generate_texts(model, tokenizer, sources: list[str], *, batch_size: int, max
     return outputs
 
 
-def predict_sni(model, tokenizer, cfg: Config, *, out_dir: Path | None, device, batch_size: int = 0,
-                print_table: bool = True) -> dict[str, float]:
-    """Generate for the SNI test tasks; write predictions.jsonl and metrics.json; return the metrics."""
-    from nanot5.data.sni import load_sni
-    from nanot5.metrics import evaluate_sni
+def predict(model, tokenizer, cfg: Config, records: list[dict[str, Any]], *, device, amp=None,
+            out_dir: Path | None = None, batch_size: int = 0, sni: bool = False,
+            print_table: bool = False) -> dict[str, float]:
+    """Generate for `records` (id, input, references; SNI: task, category) with the `generate` options and
+    score them: SNI with the official metric (overall, per category, per task), anything else with
+    eval.metrics. With out_dir: predictions.jsonl (id, input, target, prediction) and metrics.json."""
+    from nanot5.metrics import compute_generation_metrics, evaluate_sni, format_metrics
 
-    records = load_sni(cfg.data.sni_dir, "test", split=cfg.data.sni_split,
-                       max_num_instances_per_task=cfg.data.max_num_instances_per_eval_task)
-    collator = sni_collator(cfg, tokenizer, seed=cfg.seed)
-    sources = [collator.source(r) for r in records]
-    preds = generate_texts(model, tokenizer, sources, batch_size=batch_size or max(8, cfg.optim.batch_size),
-                           max_source_length=cfg.data.max_seq_len, max_new_tokens=cfg.data.max_target_len,
-                           device=device)
-    metrics = evaluate_sni(preds, [r["references"] for r in records], [r["task"] for r in records],
-                           [r["categories"][0] if r["categories"] else "" for r in records],
-                           print_table=print_table and out_dir is not None)
+    g = cfg.generate
+    generator = None
+    if g.do_sample:
+        generator = torch.Generator(device).manual_seed(g.seed)
+    preds = generate_texts(model, tokenizer, [r["input"] for r in records],
+                           batch_size=batch_size or g.batch_size or max(8, cfg.optim.batch_size),
+                           max_source_length=cfg.data.max_seq_len, device=device, amp=amp, generator=generator,
+                           progress=print_table, **g.kwargs(cfg.data.max_target_len))
+    refs = [r["references"] for r in records]
+    if sni:
+        metrics = evaluate_sni(preds, refs, [r["task"] for r in records], [r["category"] for r in records],
+                               print_table=print_table)
+    else:
+        metrics = compute_generation_metrics(preds, refs, cfg.eval.metric_names)
+        if print_table:
+            print(format_metrics(metrics, len(records)))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"id": r["id"], "task": r["task"], "prediction": p, "references": r["references"]},
-                            ensure_ascii=False) + "\n" for r, p in zip(records, preds)]
+        lines = []
+        for r, p in zip(records, preds):
+            row = {"id": r["id"], "input": r["input"],
+                   "target": r["references"][0] if len(r["references"]) == 1 else r["references"],
+                   "prediction": p, "references": r["references"]}
+            if "task" in r:
+                row["task"] = r["task"]
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
         atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -296,16 +311,24 @@ def evaluate_main(argv: list[str]) -> int:
 
 
 PREDICT_HELP = """
-usage: nanot5 predict model=DIR [data.sni_dir=DIR] [data.sni_split=default] [out=DIR] [batch_size=N] [key=value ...]
+usage: nanot5 predict model=DIR [data.source=SPEC | data.sni_dir=DIR] [generate.KEY=VALUE ...] [out=DIR]
+                      [batch_size=N] [key=value ...]
 
-Generate for the SNI test tasks and score them with the official metric (exact match, ROUGE-L); writes
-predictions.jsonl and metrics.json into out (default MODEL/predictions). Keys as in `nanot5 finetune --help`.
+Generate with a model (an HF-format folder, a run folder or a checkpoint) and score the generations.
+data.source=sni (the default): the SNI test tasks, scored with the official metric (exact match, ROUGE-L; per
+category and per task). Any other source (jsonl/json/csv/tsv/parquet files or hf:NAME): its validation set
+(data.validation_source / data.validation_fraction / a validation split), else every record, scored with
+eval.metrics (exact_match,rougeL,bleu,accuracy). Generation options: generate.num_beams, generate.length_penalty,
+generate.do_sample, generate.top_k, generate.top_p, generate.temperature, ... (`nanot5 finetune --help`).
+Writes predictions.jsonl (id, input, target, prediction) and metrics.json into out (default MODEL/predictions).
 """
 
 
 def predict_main(argv: list[str]) -> int:
     if _help(argv, PREDICT_HELP):
         return 0
+    from nanot5.data.finetune import prediction_records
+
     mine, rest = _split_args(argv, ("model", "out", "batch_size"))
     if "model" not in mine:
         raise ConfigError("nanot5 predict needs model=DIR (an HF-format directory, run directory or checkpoint)")
@@ -319,9 +342,13 @@ def predict_main(argv: list[str]) -> int:
     device = distributed.resolve_device(cfg.device)
     model, tokenizer = load_model_dir(mine["model"], device)
     tokenizer = _tokenizer_for(mine["model"], tokenizer, cfg, rest)
+    records = prediction_records(cfg, tokenizer)
     out = Path(mine.get("out") or Path(mine["model"]) / "predictions")
-    metrics = predict_sni(model, tokenizer, cfg, out_dir=out, device=device, batch_size=batch_size)
-    print(f"exact match {metrics['exact_match']:.2f} | ROUGE-L {metrics['rougeL']:.2f} -> {out}")
+    sni = cfg.data.source == "sni"
+    metrics = predict(model, tokenizer, cfg, records, device=device, amp=autocast_context(cfg.precision, device),
+                      out_dir=out, batch_size=batch_size, sni=sni, print_table=True)
+    summary = " | ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "_for_" not in k)
+    print(f"{len(records)} examples: {summary} -> {out}")
     return 0
 
 

@@ -44,3 +44,18 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_dir(new: str | Path, target: str | Path) -> None:
+    """Put the folder `new` in place of `target` (which nanot5 wrote earlier, if it exists): the old one is
+    renamed aside first and deleted only once the new one is in place, so a crash leaves one of the two."""
+    import shutil
+
+    new, target = Path(new), Path(target)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    fsync_dir(target.parent)
+    if old.exists():
+        shutil.rmtree(old)

@@ -233,3 +233,11 @@ def compute_generation_metrics(
     if not preds:
         return {m: 0.0 for m in metrics}
     return {m: round(_CORPUS_METRICS[m](preds, refs), 4) for m in metrics}
+
+
+def format_metrics(metrics: dict[str, float], count: int) -> str:
+    """A one-row text table of generation metrics over `count` examples."""
+    names = list(metrics)
+    header = "  ".join(f"{n:>11}" for n in ["examples", *names])
+    row = "  ".join([f"{count:>11}"] + [f"{metrics[n]:>11.2f}" for n in names])
+    return f"{header}\n{row}"

@@ -355,7 +355,10 @@ def _block_sum(x: Tensor, n: int) -> Tensor:
 
 # ------------------------------------------------------------------------ groups
 def _no_decay_types() -> tuple[type, ...]:
-    from nanot5.model import RelativePositionBias, RMSNorm  # lazy: optim imports without the model
+    from nanot5.model import (  # lazy: optim imports without the model
+        RelativePositionBias,
+        RMSNorm,
+    )
 
     return (RMSNorm, RelativePositionBias, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
             nn.modules.batchnorm._NormBase)

@@ -28,7 +28,7 @@ from nanot5.fileio import atomic_write_text
 from nanot5.log import info
 
 # What a nanot5 run writes into its folder (evaluation and prediction outputs included).
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final", "summary.json", "config.yaml", "loss.png",
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "final", "best", "summary.json", "config.yaml", "loss.png",
                "samples.txt", "predictions.jsonl", "metrics.json", "tensorboard", "run.json")
 LOCK = ".lock"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -30,11 +31,31 @@ import torch
 import yaml
 
 from nanot5 import distributed, faults
-from nanot5.build import (Data, autocast_context, build_model, build_tokenizer, model_config,
-                          set_matmul_precision, to_device)
-from nanot5.checkpoint import load_checkpoint, load_latest, remove_stale_temporaries, rng_state, save_checkpoint, \
-    set_rng_state
-from nanot5.config import Config, ConfigError, check_warmup, config_from_dict, format_keys, load_config
+from nanot5.build import (
+    Data,
+    autocast_context,
+    build_model,
+    build_tokenizer,
+    model_config,
+    set_matmul_precision,
+    to_device,
+)
+from nanot5.checkpoint import (
+    load_checkpoint,
+    load_latest,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from nanot5.config import (
+    Config,
+    ConfigError,
+    check_warmup,
+    config_from_dict,
+    format_keys,
+    load_config,
+)
 from nanot5.errors import CheckpointError, NanoT5Error
 from nanot5.fileio import atomic_write_text
 from nanot5.log import info, warn
@@ -71,6 +92,9 @@ class Run:
     tokens: int = 0
     resume_step: int | None = None
     last_eval: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluation (checkpoint.best_metric)
+    evals_since_best: int = 0
+    early_stopped: bool = False
     # device-side accumulators since the last log line: no host sync on ordinary steps
     window_loss: torch.Tensor | None = None
     window_steps: int = 0
@@ -115,6 +139,9 @@ def setup(cfg: Config) -> Run:
             for block in (*model.encoder.blocks, *model.decoder.blocks):
                 block.compile()
         strategy = cfg.distributed.strategy if env.enabled else "single"
+        if strategy == "fsdp" and cfg.eval.generate:
+            raise ConfigError("eval.generate=true needs whole weights on one rank: not with distributed.strategy=fsdp;"
+                              " generate after training with `nanot5 predict model=RUN_DIR`")
         if strategy == "fsdp" and cfg.optim.name != "adamw":
             # AdamWScale's per-matrix RMS and Adafactor's row/column statistics need whole matrices;
             # on FSDP shards they need extra collectives, which are not written yet
@@ -127,7 +154,8 @@ def setup(cfg: Config) -> Run:
         saved_readers = None
         if resume is not None and cfg.mode == "pt":
             saved_readers = resume["trainer"]["ranks"][0]["data"]["config"]["num_readers"]
-        data = Data(cfg, tokenizer, env, micro, num_readers=saved_readers)
+        data = Data(cfg, tokenizer, env, micro, num_readers=saved_readers,
+                    decoder_start_id=model.config.decoder_start_token_id)
         steps = total_steps(cfg, data)
         check_warmup(cfg.optim.warmup_steps, steps)
         lr_at = lr_schedule(cfg.optim.lr_scheduler, base_lr=cfg.optim.base_lr,
@@ -229,6 +257,7 @@ def restore(run: Run, ckpt: dict[str, Any]) -> None:
     trainer = ckpt["trainer"]
     run.step, run.tokens = trainer["step"], trainer["tokens"]
     run.last_eval = trainer.get("last_eval", {})
+    run.best, run.evals_since_best = trainer.get("best"), trainer.get("evals_since_best", 0)
     run.window_loss.fill_(trainer.get("window_loss", 0.0))
     run.window_steps, run.window_skipped = trainer.get("window_steps", 0), trainer.get("window_skipped", 0)
     ranks = trainer["ranks"]
@@ -365,20 +394,60 @@ def log_step(run: Run) -> None:
 
 # ------------------------------------------------------- eval/checkpoint
 def evaluate(run: Run) -> None:
-    """Held-out loss/accuracy (pre-training) at this step, logged."""
-    from nanot5.evaluate import heldout_metrics
+    """Held-out loss/accuracy at this step; fine-tuning with eval.generate also generates for the validation set
+    and scores it. Logged; then the best model (checkpoint.best_metric) and early stopping are updated."""
+    from nanot5.evaluate import heldout_metrics, predict
 
     check_finite(run)
+    cfg = run.cfg
+    result: dict[str, Any] = {"step": run.step}
     run.model.eval()
     try:
-        run.last_eval = {"step": run.step, **heldout_metrics(run.model, run.data.eval_loader, amp=run.amp,
-                                                             device=run.device)}
+        if run.data.eval_loader is not None:
+            result.update(heldout_metrics(run.model, run.data.eval_loader, amp=run.amp, device=run.device))
+        if cfg.mode == "ft" and cfg.eval.generate and run.data.sets.validation_records:
+            records = run.data.sets.validation_records[:cfg.eval.max_examples or None]
+            scores = None
+            if run.env.is_main:  # the other ranks wait: generation lengths differ, no collectives inside
+                scores = predict(run.model, run.tokenizer, cfg, records, device=run.device, amp=run.amp,
+                                 sni=run.data.sets.sni)
+                scores = {k: v for k, v in scores.items() if "_for_" not in k}  # overall numbers only
+            result.update(distributed.broadcast_object(scores))
     finally:
         run.model.train()
+    run.last_eval = result
     if run.logger:
-        run.logger.log({"kind": "eval", **run.last_eval})
-    info(f"[eval] step {run.step} | held-out loss {run.last_eval['loss']:.4f} | "
-         f"accuracy {run.last_eval['accuracy']:.4f}")
+        run.logger.log({"kind": "eval", **result})
+    shown = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("step", "tokens"))
+    info(f"[eval] step {run.step} | {shown}")
+    track_best(run)
+
+
+def track_best(run: Run) -> None:
+    """Keep the best model so far by checkpoint.best_metric in run.dir/best (HF format), count evaluations
+    without improvement for early stopping."""
+    name = run.cfg.checkpoint.best_metric
+    if not name or name not in run.last_eval:
+        return
+    value = run.last_eval[name]
+    if run.best is not None and not (value < run.best["value"] if name == "loss" else value > run.best["value"]):
+        run.evals_since_best += 1
+        patience = run.cfg.optim.early_stopping_patience
+        if patience and run.evals_since_best >= patience:
+            run.early_stopped = True
+            info(f"early stopping: {name} has not improved on {run.best['value']:.4f} (step {run.best['step']}) "
+                 f"for {patience} evaluations")
+        return
+    run.best, run.evals_since_best = {"metric": name, "value": value, "step": run.step}, 0
+    model = distributed.unsharded_copy(run.model, run.strategy)  # a collective under FSDP
+    if run.env.is_main:
+        from nanot5.evaluate import write_hf_dir
+        from nanot5.fileio import replace_dir
+
+        tmp = run.dir / f".best.tmp-{os.getpid()}"
+        write_hf_dir(model, run.tokenizer, tmp, source=f"step {run.step}, {name} {value:.4f}")
+        replace_dir(tmp, run.dir / "best")
+        info(f"new best {name} {value:.4f} at step {run.step} -> {run.dir / 'best'}")
 
 
 def save(run: Run) -> None:
@@ -388,6 +457,7 @@ def save(run: Run) -> None:
     ranks = distributed.all_gather_objects({"data": run.data.state_dict(), "rng": rng_state()})
     model_state, optim_state = distributed.full_state_dicts(run.model, run.optimizer, run.strategy)
     state = {"step": run.step, "tokens": run.tokens, "ranks": ranks, "last_eval": run.last_eval,
+             "best": run.best, "evals_since_best": run.evals_since_best,
              "window_loss": float(run.window_loss), "window_steps": run.window_steps,
              "window_skipped": run.window_skipped}
     if run.env.is_main:
@@ -396,6 +466,11 @@ def save(run: Run) -> None:
                                keep=run.cfg.checkpoint.keep, run_id=run.rundir.run_id)
         info(f"saved checkpoint {path}")
     distributed.barrier()
+
+
+def wants_eval(run: Run) -> bool:
+    return run.data.eval_loader is not None or (run.cfg.mode == "ft" and run.cfg.eval.generate
+                                                 and bool(run.data.sets.validation_records))
 
 
 # ---------------------------------------------------------------- the loop
@@ -434,13 +509,12 @@ def train(cfg: Config) -> dict[str, Any]:
             while True:
                 last_step = run.step >= run.total_steps
                 fresh = run.step != run.resume_step  # a resumed run already evaluated/saved at this step
-                if fresh and run.data.eval_loader is not None and (run.step % cfg.eval.every_steps == 0
-                                                                   or last_step):
+                if fresh and wants_eval(run) and (run.step % cfg.eval.every_steps == 0 or last_step):
                     evaluate(run)
                 if fresh and run.step > 0 and (run.step % cfg.checkpoint.every_steps == 0 or last_step
-                                               or stop.signal):
+                                               or stop.signal or run.early_stopped):
                     save(run)
-                if last_step or stop.signal:
+                if last_step or stop.signal or run.early_stopped:
                     break
                 train_step(run)
                 if run.step % cfg.logging.every_steps == 0 or run.step == run.total_steps:
@@ -457,29 +531,38 @@ def train(cfg: Config) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ finish
 def finish(run: Run, interrupted: bool) -> dict[str, Any]:
-    """After the last step: the final model first (final/: HF format + tokenizer), then the extras
-    (fine-tuning predictions, samples, unigram entropy, plot, summary.json). A failing extra is a warning:
-    the run's outputs are already safe."""
+    """After the last step: the final model first (final/: HF format + tokenizer; the best model when
+    checkpoint.best_metric is set and checkpoint.final=best), then the extras (fine-tuning predictions, samples,
+    unigram entropy, plot, summary.json). A failing extra is a warning: the run's outputs are already safe."""
     cfg, env = run.cfg, run.env
     summary = {"steps": run.step, "planned_steps": run.total_steps, "tokens": run.tokens,
                "wall_time_s": round(time.time() - run.t_start, 1), "train_time_s": round(run.train_time, 1),
                "tokens_per_s": round(run.tokens / run.train_time, 1) if run.train_time else None,
                "interrupted": interrupted}
+    if run.early_stopped:
+        summary["early_stopped"] = True
     if run.last_eval:
-        summary.update({"heldout_loss": run.last_eval["loss"], "heldout_accuracy": run.last_eval["accuracy"]})
-    model = run.model
-    if not interrupted and run.strategy == "fsdp":
-        state, _ = distributed.full_state_dicts(model, None, "fsdp", optimizer_too=False)  # collective
-        if env.is_main:
-            model = T5(model.config)
-            model.load_state_dict(state)
+        summary.update({f"heldout_{k}" if k in ("loss", "accuracy") else k: v for k, v in run.last_eval.items()
+                        if k not in ("step", "tokens")})
+    if run.best:
+        summary.update({"best_metric": run.best["metric"], "best_value": run.best["value"],
+                        "best_step": run.best["step"]})
+    use_best = run.best is not None and cfg.checkpoint.final == "best" and (run.dir / "best").is_dir()
+    model = None if interrupted else distributed.unsharded_copy(run.model, run.strategy)  # collective (FSDP)
     if env.is_main and not interrupted:
         from nanot5.evaluate import write_hf_dir
+        from nanot5.fileio import replace_dir
 
-        write_hf_dir(model, run.tokenizer, run.dir / "final")
-        info(f"final model (HF format) in {run.dir / 'final'}")
+        if use_best:  # final/ = the best model (a copy: best/ stays as it is)
+            model = T5.from_hf(run.dir / "best").to(run.device)
+            summary["final"] = f"best (step {run.best['step']})"
+        tmp = run.dir / f".final.tmp-{os.getpid()}"
+        write_hf_dir(model, run.tokenizer, tmp, source=f"run {run.dir}, step {run.best['step'] if use_best else run.step}")
+        replace_dir(tmp, run.dir / "final")
+        info(f"final model (HF format) in {run.dir / 'final'}" + (f" (the best: step {run.best['step']})"
+                                                                  if use_best else ""))
     extras = []
-    if not interrupted and cfg.mode == "ft":
+    if env.is_main and not interrupted and cfg.mode == "ft":
         extras.append(("predictions", lambda: summary.update(_predict(run, model))))
     if env.is_main and not interrupted and cfg.mode == "pt" and run.data.eval_loader is not None:
         extras.append(("samples", lambda: _samples(run, model)))
@@ -500,14 +583,20 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
 
 
 def _predict(run: Run, model: T5) -> dict[str, Any]:
-    from nanot5.evaluate import predict_sni
+    """Generations of the final model for the validation set (SNI: the test tasks), scored; predictions.jsonl
+    and metrics.json in the run folder."""
+    from nanot5.evaluate import predict
 
-    metrics = predict_sni(model, run.tokenizer, run.cfg, out_dir=run.dir if run.env.is_main else None,
-                          device=run.device)
+    records = run.data.sets.validation_records
+    if not records:
+        info("no validation set: no predictions (nanot5 predict model=RUN_DIR data.source=... generates later)")
+        return {}
+    metrics = predict(model, run.tokenizer, run.cfg, records, device=run.device, amp=run.amp, out_dir=run.dir,
+                      sni=run.data.sets.sni, print_table=True)
+    overall = {k: v for k, v in metrics.items() if "_for_" not in k}
     if run.logger:
-        run.logger.log({"kind": "eval", "step": run.step, "exact_match": metrics["exact_match"],
-                        "rougeL": metrics["rougeL"]})
-    return {"exact_match": metrics["exact_match"], "rougeL": metrics["rougeL"]}
+        run.logger.log({"kind": "predict", "step": run.step, **overall})
+    return overall
 
 
 def _samples(run: Run, model: T5) -> None:

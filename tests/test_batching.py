@@ -15,9 +15,22 @@ import numpy as np
 import pytest
 import torch
 
-from nanot5.data.batching import (BATCHING, Seq2SeqBatches, TokenizedExamples, collate_packed, eval_batches,
-                                  pack_rows, token_counts)
-from nanot5.data.sni import TK_INSTRUCT_ENCODINGS, SNICollator, SNIExamples, format_prompt, load_sni
+from nanot5.data.batching import (
+    BATCHING,
+    Seq2SeqBatches,
+    TokenizedExamples,
+    collate_packed,
+    eval_batches,
+    pack_rows,
+    token_counts,
+)
+from nanot5.data.sni import (
+    TK_INSTRUCT_ENCODINGS,
+    SNICollator,
+    SNIExamples,
+    format_prompt,
+    load_sni,
+)
 from nanot5.errors import DataError
 
 MAX_S, MAX_T = 64, 16

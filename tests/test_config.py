@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from nanot5.config import ConfigError, config_from_dict, load_config, preset_names, read_config
+from nanot5.config import (
+    ConfigError,
+    config_from_dict,
+    load_config,
+    preset_names,
+    read_config,
+)
 
 
 def test_nanot5_base_preset_is_nanot5_default():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nanot5.data.tokenizer import load_tokenizer
-from nanot5.model import T5, T5Config
 from nanot5.metrics import compute_metrics
+from nanot5.model import T5, T5Config
 from tests.test_train import run_cli
 
 SMALL = ["data.sni_split=seen", "data.max_seq_len=256", "data.max_target_len=24",

@@ -24,7 +24,12 @@ from transformers import T5Config as HFConfig  # noqa: E402
 from transformers import T5ForConditionalGeneration  # noqa: E402
 
 from nanot5 import T5  # noqa: E402
-from nanot5.generation import DecoderState, banned_ngram_mask, top_k_filter, top_p_filter  # noqa: E402
+from nanot5.generation import (  # noqa: E402
+    DecoderState,
+    banned_ngram_mask,
+    top_k_filter,
+    top_p_filter,
+)
 from nanot5.hf import config_from_hf, from_hf_state_dict  # noqa: E402
 
 VOCAB = 128

@@ -17,8 +17,15 @@ from torch.overrides import TorchFunctionMode
 
 from nanot5.hf import name_table
 from nanot5.model import T5, RMSNorm, T5Config
-from nanot5.optim import (OPTIMIZERS, Adafactor, AdamWScale, build_optimizer, check_param_groups,
-                          lr_schedule, param_groups)
+from nanot5.optim import (
+    OPTIMIZERS,
+    Adafactor,
+    AdamWScale,
+    build_optimizer,
+    check_param_groups,
+    lr_schedule,
+    param_groups,
+)
 
 STEPS = 100
 
@@ -470,7 +477,12 @@ def test_build_optimizer():
 # ------------------------------------------------------------------------ schedules
 def torch_schedule_values(name, base_lr, warmup, total, final_cosine, steps):
     """nanoT5's scheduler composition (utils/model_utils.py `get_lr_scheduler`), lr per step."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
+    from torch.optim.lr_scheduler import (
+        CosineAnnealingLR,
+        LambdaLR,
+        LinearLR,
+        SequentialLR,
+    )
 
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
     if name == "cosine":

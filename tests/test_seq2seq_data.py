@@ -18,7 +18,12 @@ import pytest
 from nanot5.config import load_config
 from nanot5.data.batching import encode_examples, truncation_message
 from nanot5.data.finetune import finetune_sets, prediction_records
-from nanot5.data.seq2seq import RecordFormatter, load_records, load_seq2seq_splits, template_columns
+from nanot5.data.seq2seq import (
+    RecordFormatter,
+    load_records,
+    load_seq2seq_splits,
+    template_columns,
+)
 from nanot5.errors import ConfigError, DataError
 
 ROWS = [
@@ -107,7 +112,7 @@ def test_config_mistakes_name_the_key_and_the_columns(tmp_path):
         with pytest.raises(ConfigError, match=msg):
             load_config(["mode=ft", f"data.template={bad}"])
     # the CLI's key=value keeps a template's text even where YAML would read a mapping
-    assert load_config([f"data.template=summarize: {{document}}"]).data.template == "summarize: {document}"
+    assert load_config(["data.template=summarize: {document}"]).data.template == "summarize: {document}"
 
 
 def test_bad_records_name_file_and_line_or_are_counted(tmp_path):

@@ -15,7 +15,15 @@ import warnings
 import pytest
 import torch
 
-from nanot5.data.sni import SNICollator, format_prompt, load_sni, load_task, prepare_sni, prepare_sni_main
+from nanot5.data.sni import (
+    SNICollator,
+    format_prompt,
+    load_sni,
+    load_task,
+    prepare_sni,
+    prepare_sni_main,
+)
+from nanot5.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -331,9 +339,9 @@ def test_prepare_clones_and_explains_failure(tmp_path, capsys):
     assert prepare_sni_main([str(dest), "--url", f"file://{src}"]) == 0
     assert (dest / "tasks" / "task1_a.json").is_file()
 
-    assert prepare_sni_main([str(tmp_path / "other"), "--url", f"file://{tmp_path}/nothing-here"]) == 1
-    err = capsys.readouterr().err
-    assert "git clone --depth 1" in err and "data.sni_dir" in err
+    with pytest.raises(DataError) as err:
+        prepare_sni_main([str(tmp_path / "other"), "--url", f"file://{tmp_path}/nothing-here"])
+    assert "git clone --depth 1" in str(err.value) and "data.sni_dir" in str(err.value)
 
 
 # --- which instances: Tk-Instruct's seeded sample for training tasks, the first N for test tasks -----------------

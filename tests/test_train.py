@@ -15,11 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanot5.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest
+from nanot5.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+)
 from nanot5.config import load_config
-from nanot5.tracking import read_metrics
 from nanot5.model import T5, T5Config
 from nanot5.optim import build_optimizer, param_groups
+from nanot5.tracking import read_metrics
 from nanot5.train import accumulate_gradients
 
 REPO = Path(__file__).resolve().parents[1]

@@ -50,8 +50,14 @@ import numpy as np
 import torch
 
 from nanot5 import faults
+from nanot5.data.denoisers import (
+    DEFAULT_UL2_MIXTURE,
+    OBJECTIVES,
+    Denoiser,
+    Mixture,
+    mode_token_ids,
+)
 from nanot5.data.sources import DataError, Source, open_source
-from nanot5.data.denoisers import DEFAULT_UL2_MIXTURE, OBJECTIVES, Denoiser, Mixture, mode_token_ids
 from nanot5.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("nanot5.data")

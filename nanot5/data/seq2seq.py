@@ -37,7 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanot5.data.sources import SPLIT_ALIASES, _open_binary, _split_of, file_format, find_files
+from nanot5.data.sources import (
+    SPLIT_ALIASES,
+    _open_binary,
+    _split_of,
+    file_format,
+    find_files,
+)
 from nanot5.errors import ConfigError, DataError
 
 log = logging.getLogger("nanot5.data")

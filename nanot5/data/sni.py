@@ -18,7 +18,6 @@ import json
 import random
 import string
 import subprocess
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -540,51 +539,7 @@ def prepare_sni_main(argv: list[str]) -> int:
     try:
         path = prepare_sni(args.dir, url=args.url)
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise DataError(str(e).replace("\n", " ")) from None
     n_tasks = sum(1 for _ in (path / "tasks").glob("*.json"))
     print(f"SNI ready in {path} ({n_tasks} task files); use data.sni_dir={path}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training batches over epochs
-
-
-class SNIBatches:
-    """Endless, epoch-shuffled training batches of SNI records for one rank, resumable exactly.
-
-    Epoch e visits the records in `random.Random(seed + e)` order; batch b of rank r takes the slice
-    starting at (b * world_size + r) * batch_size, and the incomplete tail of an epoch is dropped so that
-    every rank runs the same number of batches. State: epoch, batches consumed in it, the collator's RNG.
-    """
-
-    def __init__(self, records: list[dict[str, Any]], collator: SNICollator, *, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
-        self.records, self.collator = records, collator
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.epoch = self.position = 0
-        if len(self) == 0:
-            raise ValueError(f"SNI: {len(records)} training records are fewer than one global batch "
-                             f"({batch_size} x {world_size} processes)")
-
-    def __len__(self) -> int:
-        """Batches per epoch for each rank."""
-        return len(self.records) // (self.batch_size * self.world_size)
-
-    def __iter__(self):
-        while True:
-            order = list(range(len(self.records)))
-            random.Random(self.seed + self.epoch).shuffle(order)
-            while self.position < len(self):
-                start = (self.position * self.world_size + self.rank) * self.batch_size
-                self.position += 1
-                yield self.collator([self.records[i] for i in order[start:start + self.batch_size]])
-            self.epoch, self.position = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "collator": self.collator.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.collator.load_state_dict(state["collator"])
