@@ -47,11 +47,15 @@ class ModelConfig:
     overwrite: dict = field(default_factory=dict)  # T5Config fields, e.g. model.overwrite.num_layers=2
     checkpoint_path: str = ""  # start from this nanot5 checkpoint or HF directory's weights
     compile: bool = False  # torch.compile the training forward
-    gradient_checkpointing: bool = False
-
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    attention: str = "auto"  # eager | sdpa | flex | auto (CUDA: flex; CPU: eager; see nanot5/attention.py)
+    lm_head_init: str = "scaled"  # untied lm_head init std: scaled (d_model**-0.5) | hf (1.0, as HF and nanoT5)
 
     def __post_init__(self):
         from nanot5.model import T5Config
+
+        _check_choice("model.attention", self.attention, ("eager", "sdpa", "flex", "auto"))
+        _check_choice("model.lm_head_init", self.lm_head_init, ("scaled", "hf"))
 
         valid = {f.name for f in fields(T5Config)}
         for key in self.overwrite:
