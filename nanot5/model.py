@@ -435,7 +435,7 @@ class Stack(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loss
-LOSS_CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk of the chunked loss (rows = this / (4 V))
+LOSS_CHUNK_BYTES = 32 << 20  # fp32 logits of one chunk of the chunked loss (rows = this / (4 V))
 
 
 def _chunked_lm_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, rows: int,
@@ -453,14 +453,17 @@ def _chunked_lm_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, row
     dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
     for i in range(0, h.shape[0], rows):
         hc, yc = h[i:i + rows], labels[i:i + rows]  # (n, C), (n,)
-        logits = matmul_t(hc, w).float()  # (n, V)
+        logits = matmul_t(hc, w).float()  # (n, V): the one (n, V) buffer, reused in place below
         counted = yc != -100
-        target = yc.clamp_min(0)[:, None]
-        lse = torch.logsumexp(logits, dim=-1)  # (n,)
-        total += torch.where(counted, lse - logits.gather(1, target)[:, 0], 0.0).sum()
+        target = yc.clamp_min(0)[:, None]  # (n, 1)
+        target_logit = logits.gather(1, target)[:, 0]
+        top = logits.amax(dim=-1, keepdim=True)  # logsumexp = top + log(sum(exp(logits - top)))
+        e = logits.sub_(top).exp_()
+        norm = e.sum(dim=-1)
+        total += torch.where(counted, top[:, 0] + norm.log() - target_logit, 0.0).sum()
         if need_dh or need_dw:
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
-            g.scatter_add_(1, target, torch.full_like(lse[:, None], -1.0))
+            g = e.div_(norm[:, None])  # softmax
+            g.scatter_add_(1, target, torch.full_like(top, -1.0))  # - onehot(label)
             g = g.mul_(counted[:, None]).to(h.dtype)
             if need_dh:
                 dh[i:i + rows] = matmul_t(g, w.t())  # (n, C)
