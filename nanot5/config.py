@@ -48,7 +48,7 @@ class ModelConfig:
     checkpoint_path: str = ""  # start from this nanot5 checkpoint or HF directory's weights
     compile: bool = False  # torch.compile the training forward
     gradient_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    attention: str = "auto"  # eager | sdpa | flex | auto (CUDA: flex; CPU: eager; see nanot5/attention.py)
+    attention: str = "auto"  # eager | sdpa | flex | auto (CUDA: flex; CPU: eager to train, sdpa to evaluate)
     lm_head_init: str = "scaled"  # untied lm_head init std: scaled (d_model**-0.5) | hf (1.0, as HF and nanoT5)
 
     def __post_init__(self):

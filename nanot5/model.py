@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanot5.attention import (IMPLEMENTATIONS, attend, choose_attention, flex_block_mask,
-                              padding_bias, relative_bias_score_mod, segment_bias)
+                              padding_bias, relative_bias_score_mod, sdpa_mask, segment_bias)
 
 # feed_forward_proj "gated-gelu" means the tanh approximation of GELU in the HF/mesh-tf
 # checkpoints ("gelu_new"); plain "gelu" is the exact erf form.
@@ -409,9 +409,15 @@ class Stack(nn.Module):
                 k_segments=memory_segment_ids)
             return self.rel_bias.score_mod(T, T), self_mask, cross_mask
         if segment_ids is not None:
+            self_mask = segment_bias(segment_ids, segment_ids)
             cross_mask = None if memory is None else segment_bias(segment_ids, memory_segment_ids)
-            return self.position_bias(T), segment_bias(segment_ids, segment_ids), cross_mask
-        return self.position_bias(T), padding_bias(mask), padding_bias(memory_mask)
+        else:
+            self_mask, cross_mask = padding_bias(mask), padding_bias(memory_mask)
+        bias = self.position_bias(T)
+        if impl == "sdpa":  # one additive mask per attention type, in the dtype attention runs in
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return None, sdpa_mask(bias, self_mask, dtype), sdpa_mask(None, cross_mask, dtype)
+        return bias, self_mask, cross_mask
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None, *,

@@ -60,7 +60,7 @@ def test_choose_attention_per_device_and_fallbacks():
     assert choose_attention("auto", cuda, needs_grad=True, dropout=False) == "flex"
     assert choose_attention("auto", cuda, needs_grad=True, dropout=True) == "eager"
     assert choose_attention("auto", cpu, needs_grad=True, dropout=False) == "eager"
-    assert choose_attention("auto", cpu, needs_grad=False, dropout=False) == "eager"
+    assert choose_attention("auto", cpu, needs_grad=False, dropout=False) == "sdpa"
     assert choose_attention("sdpa", cpu, needs_grad=True, dropout=True) == "sdpa"
     assert choose_attention("flex", cpu, needs_grad=False, dropout=False) == "flex"
     assert choose_attention("flex", cuda, needs_grad=True, dropout=False) == "flex"
