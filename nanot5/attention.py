@@ -54,11 +54,12 @@ def choose_attention(requested: str, device: torch.device, needs_grad: bool, dro
     """The implementation one forward pass runs: `requested` unless it cannot run here.
 
     auto: flex on CUDA (eager when attention dropout is active); on the CPU eager with gradients
-    and sdpa without. Measured (bench/attention.py, t5-v1_1-small, batch 8, 512/114, 2 cores):
-    training steps eager vs sdpa 1.00 : 0.97 (fp32) and 1.00 : 0.91 (bf16); evaluation forward
-    eager : sdpa : flex 1.00 : 1.10 : 0.89 (fp32) and 1.00 : 1.20 : 1.34 (bf16). sdpa is faster
-    than eager in both dtypes without compiling anything, and flex's per-shape kernels on the CPU
-    make it a poor default for variable shapes (generation, fine-tuning evaluation). Elsewhere eager.
+    and sdpa without. Measured (bench/attention.py, t5-v1_1-small, batch 8, 512/114, 2 cores, 3
+    runs): training step speed eager : sdpa = 1 : 0.97 (fp32), 1 : 0.91 (bf16); evaluation forward
+    eager : sdpa : flex = 1 : 1.03-1.11 : 0.89-0.99 (fp32), 1 : 1.20-1.33 : 1.09-1.39 (bf16).
+    sdpa is faster than eager in both dtypes without compiling anything; flex is no faster in fp32
+    and its per-shape kernels make it a poor default for variable shapes (generation, fine-tuning
+    evaluation). Elsewhere eager.
     flex falls back to eager (one warning per process) where torch cannot run it: a CPU forward
     with gradients (FlexAttention has no CPU backward in torch 2.13), attention dropout (flex has
     no dropout on the probabilities), or a device other than CPU/CUDA.
@@ -125,17 +126,18 @@ def flex_block_mask(batch: int, q_len: int, k_len: int, device: torch.device, ca
                              device=device)
 
 
-def relative_bias_score_mod(table: torch.Tensor, offset_buckets: torch.Tensor, q_len: int) -> Callable:
-    """flex `score_mod` adding T5's learned position bias: score + table[bucket(kv - q), h].
+def relative_bias_score_mod(offset_bias: torch.Tensor, q_len: int) -> Callable:
+    """flex `score_mod` adding T5's learned position bias: score + bias of (head, key - query offset).
 
-    table: (num_buckets, H), the `RelativePositionBias` weight (its gradient flows through the
-    flex kernel); offset_buckets: (T + S - 1,) bucket id of each key-minus-query offset
-    -(T-1) .. S-1, computed by the eager bucket function so that both paths use the same buckets.
+    offset_bias: (H, T + S - 1), the learned bucket table looked up (with autograd) at the bucket
+    of each key-minus-query offset -(T-1) .. S-1, so the table's gradient flows through the flex
+    kernel into this tensor and on to the table. A 2-D index by head and offset is the learnable-
+    bias pattern torch's own flex tests check gradients for.
     The function object is created by this one `def`, so compiled flex kernels are reused (torch
     guards on the code object, not on the closure).
     """
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score + table[offset_buckets[kv_idx - q_idx + (q_len - 1)], h]
+        return score + offset_bias[h, kv_idx - q_idx + (q_len - 1)]
 
     return score_mod
 

@@ -36,9 +36,10 @@ CONFIG_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_dec
                  "dropout_rate", "layer_norm_epsilon", "feed_forward_proj", "tie_word_embeddings",
                  "scale_decoder_outputs", "pad_token_id", "eos_token_id", "decoder_start_token_id")
 # HF's defaults for keys that old config.json files leave out
+# (tie_word_embeddings and scale_decoder_outputs: see _head_semantics)
 HF_DEFAULTS = {"relative_attention_max_distance": 128, "feed_forward_proj": "relu",
-               "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1,
-               "decoder_start_token_id": 0, "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6}
+               "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+               "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6}
 MT5_DEFAULTS = {**HF_DEFAULTS, "feed_forward_proj": "gated-gelu"}
 SUPPORTED_MODEL_TYPES = ("t5", "mt5")
 # Present in some HF checkpoints but unused by the model (original T5 stores a relative bias in the

@@ -262,10 +262,11 @@ class RelativePositionBias(nn.Module):
         return F.embedding(buckets, self.weight).permute(2, 0, 1).unsqueeze(0)  # (1, H, T, S)
 
     def score_mod(self, q_len: int, k_len: int):
-        """The same bias as a flex `score_mod`: a lookup of this table by key-minus-query offset."""
+        """The same bias as a flex `score_mod`: the table looked up once per key-minus-query offset."""
         offsets = torch.arange(-(q_len - 1), k_len, device=self.weight.device)  # (T + S - 1,)
         buckets = relative_position_bucket(offsets, self.bidirectional, self.num_buckets, self.max_distance)
-        return relative_bias_score_mod(self.weight, buckets, q_len)
+        offset_bias = F.embedding(buckets, self.weight).t().contiguous()  # (H, T + S - 1)
+        return relative_bias_score_mod(offset_bias, q_len)
 
 
 class Attention(nn.Module):
