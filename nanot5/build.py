@@ -76,7 +76,8 @@ def _has_tokenizer_files(path: Path) -> bool:
 def model_config(cfg: Config) -> T5Config:
     """The architecture: a built-in name or an HF config.json, with model.overwrite applied."""
     name = cfg.model.name
-    overwrite = {**cfg.model.overwrite, "gradient_checkpointing": cfg.model.gradient_checkpointing}
+    overwrite = {**cfg.model.overwrite, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+                 "attention": cfg.model.attention, "lm_head_init": cfg.model.lm_head_init}
     try:
         if name.split("/")[-1] in T5Config.names():
             return T5Config.from_name(name, **overwrite)
@@ -106,8 +107,8 @@ def build_model(cfg: Config, vocab_size: int) -> T5:
             raise ConfigError(f"model.random_init=false needs weights, but model.name={cfg.model.name!r} is a "
                               "built-in architecture; give an HF directory or hub name")
         try:
-            model = T5.from_hf(hf_model_dir(cfg.model.name),
-                               **{k: getattr(mcfg, k) for k in ("dropout_rate", "gradient_checkpointing")})
+            model = T5.from_hf(hf_model_dir(cfg.model.name), **{k: getattr(mcfg, k) for k in (
+                "dropout_rate", "gradient_checkpointing", "attention")})
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"model.name={cfg.model.name}: {e}") from None
     else:

@@ -52,9 +52,14 @@ class ModelConfig:
     checkpoint_path: str = ""  # start from the weights of this nanot5 checkpoint or HF directory
     compile: bool = False  # torch.compile the model (per block) for training
     gradient_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    attention: str = "auto"  # eager | sdpa | flex | auto (CUDA: flex; CPU: eager to train, sdpa to evaluate)
+    lm_head_init: str = "scaled"  # untied lm_head init std: scaled (d_model**-0.5) | hf (1.0, as HF and nanoT5)
 
     def __post_init__(self):
         from nanot5.model import T5Config
+
+        _check_choice("model.attention", self.attention, ("eager", "sdpa", "flex", "auto"))
+        _check_choice("model.lm_head_init", self.lm_head_init, ("scaled", "hf"))
 
         hints = typing.get_type_hints(T5Config)
         for key, value in self.overwrite.items():

@@ -3,6 +3,19 @@
 Our modules fuse q/k/v (self-attention), k/v (cross-attention) and wi_0/wi_1 (gated FFN) into
 single matrices, so a table row maps one of our tensors to the HF tensors concatenated along
 dim 0 to form it. Loading concatenates, saving splits; nothing else differs.
+
+Output head semantics (transformers 5, models/{t5,mt5,umt5}): two separate questions.
+- Scaling (d_model**-0.5 on the decoder output, `T5Config.scale_decoder_outputs`): model_type
+  "t5" scales iff its config says `scale_decoder_outputs` (transformers >= 5 writes it), else iff
+  `tie_word_embeddings` is not false (transformers 4 configs: original T5 leaves the key out, v1.1,
+  Flan-T5 and byT5 say false). model_type "mt5" never scales, whatever its config says.
+- Tying (`T5Config.tie_word_embeddings`): transformers 5 forces `tie_word_embeddings: true` into
+  every T5/mT5 config and decides from the weights: a checkpoint without `lm_head.weight` (or with
+  one equal to the embedding) is tied, one with a different `lm_head.weight` is untied. `load_hf`
+  does the same; from the config alone (`config_from_hf`) we guess: transformers-5 T5 configs are
+  tied iff scaled (original T5 vs v1.1), others as their `tie_word_embeddings` says.
+So an mT5 directory saved by transformers 5 (tie true, no lm_head) is tied and unscaled, the hub's
+mT5 (tie false, an lm_head) untied and unscaled.
 """
 
 from __future__ import annotations
@@ -21,11 +34,13 @@ from nanot5.model import T5, T5Config
 CONFIG_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
                  "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance",
                  "dropout_rate", "layer_norm_epsilon", "feed_forward_proj", "tie_word_embeddings",
-                 "pad_token_id", "eos_token_id", "decoder_start_token_id")
+                 "scale_decoder_outputs", "pad_token_id", "eos_token_id", "decoder_start_token_id")
 # HF's defaults for keys that old config.json files leave out
+# (tie_word_embeddings and scale_decoder_outputs: see _head_semantics)
 HF_DEFAULTS = {"relative_attention_max_distance": 128, "feed_forward_proj": "relu",
-               "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1,
-               "decoder_start_token_id": 0, "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6}
+               "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+               "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6}
+MT5_DEFAULTS = {**HF_DEFAULTS, "feed_forward_proj": "gated-gelu"}
 SUPPORTED_MODEL_TYPES = ("t5", "mt5")
 # Present in some HF checkpoints but unused by the model (original T5 stores a relative bias in the
 # first decoder cross-attention; embed_tokens duplicate `shared`).
@@ -86,29 +101,61 @@ def config_from_hf(config: str | Path | dict[str, Any]) -> T5Config:
             raise ValueError(f"{path}: invalid JSON ({e})") from e
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
+    if model_type == "umt5" or any(a.startswith("UMT5") for a in archs):
+        raise ValueError(
+            f"{source}: UMT5 is not supported: it learns a relative position bias in every layer, "
+            "nanot5 one per stack; T5, T5 v1.1, Flan-T5, mT5 and byT5 checkpoints load")
     known_arch = any(a.startswith(("T5", "MT5")) for a in archs) if archs else False
     if model_type not in SUPPORTED_MODEL_TYPES or (archs and not known_arch):
         raise ValueError(
             f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
             f"nanot5 loads T5 encoder-decoders (model_type in {SUPPORTED_MODEL_TYPES}, "
             "e.g. T5ForConditionalGeneration)")
-    config = dict(config)
-    if "scale_decoder_outputs" in config:
-        # transformers >= 5 always ties the token tables and keeps the original-T5 behaviour
-        # (tied lm_head + d_model**-0.5 output scaling) in `scale_decoder_outputs`
-        config["tie_word_embeddings"] = bool(config["scale_decoder_outputs"])
+    defaults = MT5_DEFAULTS if model_type == "mt5" else HF_DEFAULTS
     values = {}
     for key in CONFIG_FIELDS:
+        if key in ("tie_word_embeddings", "scale_decoder_outputs"):
+            continue
         if key in config and config[key] is not None:
             values[key] = config[key]
-        elif key in HF_DEFAULTS:
-            values[key] = HF_DEFAULTS[key]
+        elif key in defaults:
+            values[key] = defaults[key]
         elif key != "num_decoder_layers":
             raise KeyError(f"{source}: missing required key {key!r}")
+    values["tie_word_embeddings"], values["scale_decoder_outputs"] = _head_semantics(config, model_type)
     return T5Config(**values)
 
 
+def _head_semantics(config: dict[str, Any], model_type: str) -> tuple[bool, bool]:
+    """(tied, scaled) of an HF config as transformers 5 reads it (see the module docstring)."""
+    tie_flag = config.get("tie_word_embeddings")
+    if model_type == "mt5":  # modeling_mt5: never rescales; MT5Config forces tie (weights decide)
+        return tie_flag is not False, False
+    if config.get("scale_decoder_outputs") is not None:  # written by transformers >= 5
+        scaled = bool(config["scale_decoder_outputs"])
+        return scaled, scaled  # its tie flag is always true: guess original T5 vs v1.1
+    scaled = tie_flag is not False  # configuration_t5: a missing key means original T5
+    return scaled, scaled
+
+
+def tie_from_weights(cfg: T5Config, hf: dict[str, torch.Tensor]) -> T5Config:
+    """`cfg` with tie_word_embeddings decided by the checkpoint, as transformers 5 does: tied when
+    it has no lm_head.weight, untied when its lm_head.weight differs from the embedding."""
+    head = hf.get("lm_head.weight")
+    shared = next((hf[k] for k in ("shared.weight", "encoder.embed_tokens.weight",
+                                   "decoder.embed_tokens.weight") if k in hf), None)
+    if head is None:
+        tied = True
+    else:  # torch .bin files of tied models store both names: tied if the config says so
+        tied = cfg.tie_word_embeddings and shared is not None and torch.equal(head, shared)
+    return T5Config(**{**cfg.to_dict(), "tie_word_embeddings": tied})
+
+
 def config_to_hf(cfg: T5Config) -> dict[str, Any]:
+    """HF config dict. transformers 5 reads the head semantics back exactly (scale from
+    `scale_decoder_outputs`, tying from the weights `save_hf` writes). transformers 4 ignores
+    `scale_decoder_outputs` and scales iff tied, so it misreads tied-unscaled models (mT5 as
+    transformers 5 saves it) and untied-scaled ones."""
     out = {k: getattr(cfg, k) for k in CONFIG_FIELDS}
     out.update(architectures=["T5ForConditionalGeneration"], model_type="t5",
                is_encoder_decoder=True, use_cache=True, initializer_factor=1.0)
@@ -208,10 +255,12 @@ def load_hf(path_or_name: str | Path, dtype: torch.dtype | None = None,
             device: str | torch.device | None = None, **config_overrides: Any) -> T5:
     """Load an HF T5ForConditionalGeneration directory or hub name as a nanot5 `T5`."""
     model_dir = resolve_dir(path_or_name)
-    cfg = config_from_hf(model_dir)
+    cfg = config_from_hf(model_dir)  # first: an unsupported architecture fails before reading weights
+    weights = read_hf_weights(model_dir)
+    cfg = tie_from_weights(cfg, weights)
     if config_overrides:
         cfg = T5Config(**{**cfg.to_dict(), **config_overrides})
-    state = from_hf_state_dict(read_hf_weights(model_dir), cfg, source=str(model_dir))
+    state = from_hf_state_dict(weights, cfg, source=str(model_dir))
     with torch.device("meta"):
         model = T5(cfg)
     model.load_state_dict(state, strict=True, assign=True)

@@ -1,9 +1,11 @@
 """T5 encoder-decoder in one file.
 
-Covers T5 v1.1 / Flan-T5 / nanoT5 (gated-GELU FFN, untied lm_head) and the original T5
-(ReLU FFN, tied embeddings with d_model**-0.5 output scaling), selected by `T5Config`.
+Covers T5 v1.1 / Flan-T5 / nanoT5 (gated-GELU FFN, untied lm_head), the original T5
+(ReLU FFN, tied embeddings with d_model**-0.5 output scaling) and mT5 / byT5 (v1.1 architecture;
+mT5 as saved by transformers 5 ties the head without scaling), selected by `T5Config`.
 Architecture: Raffel et al. 2020 (arXiv 1910.10683), section 2.1; v1.1 changes from
-google-research/text-to-text-transfer-transformer released_checkpoints.md.
+google-research/text-to-text-transfer-transformer released_checkpoints.md. The attention
+implementations (eager / sdpa / flex) and their masks live in nanot5/attention.py.
 
 Notation in shape comments: B batch, T query length, S key length, H heads, D head dim,
 C d_model, F d_ff, V vocabulary.
@@ -20,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from nanot5.attention import (IMPLEMENTATIONS, attend, choose_attention, flex_block_mask,
+                              padding_bias, relative_bias_score_mod, sdpa_mask, segment_bias)
 
 # feed_forward_proj "gated-gelu" means the tanh approximation of GELU in the HF/mesh-tf
 # checkpoints ("gelu_new"); plain "gelu" is the exact erf form.
@@ -49,16 +54,30 @@ class T5Config:
     dropout_rate: float = 0.0
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"  # "relu" for the original T5
-    tie_word_embeddings: bool = False  # True for the original T5
+    # True: the output projection is the token embedding, no separate lm_head (original T5; mT5 as
+    # transformers 5 saves it)
+    tie_word_embeddings: bool = False
+    # Multiply the decoder output by d_model**-0.5 before the output projection (mesh-tf; original
+    # T5 only). None: same as tie_word_embeddings, which covers original T5 (tied, scaled) and v1.1
+    # (untied, unscaled); mT5 and a transformers-5 v1.1 save are tied without scaling.
+    scale_decoder_outputs: bool | None = None
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
-    # Not part of HF's config: recompute each block's activations in backward to save memory.
-    gradient_checkpointing: bool = False
+    # Not part of HF's config (runtime choices, never written to config.json):
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward
+    attention: str = "eager"  # eager | sdpa | flex | auto, see nanot5/attention.py
+    lm_head_init: str = "scaled"  # untied head init std: scaled (d_model**-0.5) | hf (1.0), see init_weights
 
     def __post_init__(self) -> None:
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"T5Config.attention={self.attention!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+        if self.lm_head_init not in ("scaled", "hf"):
+            raise ValueError(f"T5Config.lm_head_init={self.lm_head_init!r}; choose scaled or hf")
         self.activation  # validates feed_forward_proj
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                      "relative_attention_num_buckets", "relative_attention_max_distance"):
@@ -150,15 +169,24 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw
 
 
+def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (ONEDNN_FP32_LINEAR and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)  # no FlopCounterMode, FakeTensor, ...
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T (no bias); fp32 CPU matmuls in eager mode go through oneDNN (see above)."""
-    if (ONEDNN_FP32_LINEAR and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0):  # no FlopCounterMode, FakeTensor, ...
+    if _use_onednn(x, w):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
             return _OneDNNLinear.apply(x, w)
         return _onednn_mm_t(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
+
+
+def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T for 2-D a (M, K) and b (N, K), no autograd; through oneDNN where `linear` would be."""
+    return _onednn_mm_t(a, b) if _use_onednn(a, b) else torch.matmul(a, b.t())
 
 
 class Linear(nn.Linear):
@@ -225,63 +253,12 @@ class RelativePositionBias(nn.Module):
                                            self.num_buckets, self.max_distance)  # (T, S)
         return F.embedding(buckets, self.weight).permute(2, 0, 1).unsqueeze(0)  # (1, H, T, S)
 
-
-def _attention_probs(q, k, bias, mask):
-    """softmax(q k^T + bias + mask) in the dtype of q: (B, H, T, S)."""
-    s = torch.matmul(q, k.transpose(-1, -2))  # (B, H, T, S), compute dtype
-    if bias is not None:
-        s = s + bias  # fp32 bias: added before rounding, as HF does under autocast
-    if mask is not None:
-        if mask.dtype != s.dtype:  # keep masked logits finite in a narrower dtype
-            mask = mask.clamp_min(torch.finfo(s.dtype).min).to(s.dtype)
-        s = s.add_(mask)  # s is a fresh tensor
-    return torch.softmax(s, dim=-1).to(q.dtype)  # statistics in fp32 (autocast) or q's dtype
-
-
-class _Attention(torch.autograd.Function):
-    """softmax(q k^T + bias + mask) v (no 1/sqrt(D) scaling) with a hand-written backward.
-
-    Why not `F.scaled_dot_product_attention`: T5's position bias is learned, and SDPA on CPU
-    handles a mask that needs a gradient only in its unfused math fallback. Autograd through
-    matmul/add/softmax then keeps fp32 scores and probabilities of every layer; here the one
-    saved (B, H, T, S) tensor is the probabilities in the compute dtype, and the backward uses
-    the fused softmax-backward kernel: dS = P * (dP - rowsum(dP * P)).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, mask):
-        p = _attention_probs(q, k, bias, mask)
-        ctx.save_for_backward(q, k, v, p)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return torch.matmul(p, v)
-
-    @staticmethod
-    def backward(ctx, dy):
-        q, k, v, p = ctx.saved_tensors
-        dp = torch.matmul(dy, v.transpose(-1, -2))  # (B, H, T, S)
-        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
-        dbias = None
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-            dbias = ds.sum(0, keepdim=True, dtype=ctx.bias_dtype)  # (1, H, T, S)
-        return (torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q),
-                torch.matmul(p.transpose(-1, -2), dy), dbias, None)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-              mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
-    """Unscaled multi-head attention: q (B, H, T, D), k and v (B, H, S, D) -> (B, H, T, D).
-
-    bias: (1, H, T, S) relative position bias (may require grad); mask: additive (B, 1, 1, S).
-    """
-    if dropout > 0.0:  # dropout on the probabilities (T5's attention dropout): plain autograd
-        s = torch.matmul(q, k.transpose(-1, -2))
-        s = s if bias is None else s + bias
-        s = s if mask is None else s + mask
-        p = F.dropout(torch.softmax(s, dim=-1), dropout, training=True)
-        return torch.matmul(p.to(v.dtype), v)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        return _Attention.apply(q, k, v, bias, mask)
-    return torch.matmul(_attention_probs(q, k, bias, mask), v)  # inference: no autograd state
+    def score_mod(self, q_len: int, k_len: int):
+        """The same bias as a flex `score_mod`: the table looked up once per key-minus-query offset."""
+        offsets = torch.arange(-(q_len - 1), k_len, device=self.weight.device)  # (T + S - 1,)
+        buckets = relative_position_bucket(offsets, self.bidirectional, self.num_buckets, self.max_distance)
+        offset_bias = F.embedding(buckets, self.weight).t().contiguous()  # (H, T + S - 1)
+        return relative_bias_score_mod(offset_bias, q_len)
 
 
 class Attention(nn.Module):
@@ -311,9 +288,11 @@ class Attention(nn.Module):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return self.heads(k), self.heads(v)  # (B, H, S, D) each
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
-                memory: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
-        # x: (B, T, C); bias: (1, H, T, S) position bias or None; mask: additive (B, 1, 1, S) or None
+    def forward(self, x: torch.Tensor, bias, mask, memory: torch.Tensor | None = None,
+                cache: dict | None = None, *, impl: str = "eager") -> torch.Tensor:
+        # x: (B, T, C); bias, mask: in the form `impl` takes (nanot5.attention.attend): eager/sdpa
+        # (1, H, T, S) position bias or None and additive (B, 1, 1|T, S) mask or None; flex a
+        # score_mod and a BlockMask (or None)
         if self.cross:
             q = self.heads(self.q(x))
             if cache is not None:  # generation: encoder k, v computed once
@@ -332,7 +311,7 @@ class Attention(nn.Module):
                 cache["k"][:, :, t0:t1], cache["v"][:, :, t0:t1], cache["len"] = k, v, t1
                 k, v = cache["k"][:, :, :t1], cache["v"][:, :, :t1]  # (B, H, t1, D) views
         drop = self.dropout if self.training else 0.0
-        y = attention(q, k, v, bias, mask, drop)  # (B, H, T, D)
+        y = attend(q, k, v, bias, mask, impl, drop)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).flatten(2))
 
 
@@ -371,21 +350,16 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, x, self_bias, self_mask=None, memory=None, cross_mask=None, cache=None):
-        # x: (B, T, C); self_bias: (1, H, T, T); masks: additive (B, 1, 1, T or S) or None
+    def forward(self, x, self_bias, self_mask=None, memory=None, cross_mask=None, cache=None, *,
+                impl: str = "eager"):
+        # x: (B, T, C); eager/sdpa: self_bias (1, H, T, T), masks additive (B, 1, 1|T, T or S) or None;
+        # flex (impl="flex"): self_bias a score_mod, masks BlockMasks (see Stack.attention_inputs)
         x = x + self.drop(self.attn(self.attn_norm(x), self_bias, self_mask,
-                                    cache=None if cache is None else cache["self"]))
+                                    cache=None if cache is None else cache["self"], impl=impl))
         if memory is not None:
             x = x + self.drop(self.cross(self.cross_norm(x), None, cross_mask, memory,
-                                         cache=None if cache is None else cache["cross"]))
+                                         cache=None if cache is None else cache["cross"], impl=impl))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
-
-
-def padding_bias(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """(B, S) 1/0 attention mask -> additive (B, 1, 1, S) bias: 0 where visible, dtype-min where masked."""
-    if mask is None:
-        return None
-    return ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min)
 
 
 class Stack(nn.Module):
@@ -409,22 +383,130 @@ class Stack(nn.Module):
             bias = bias.masked_fill(causal, torch.finfo(bias.dtype).min)
         return bias
 
+    def attention_inputs(self, impl: str, x: torch.Tensor, mask: torch.Tensor | None,
+                         memory: torch.Tensor | None, memory_mask: torch.Tensor | None,
+                         segment_ids: torch.Tensor | None, memory_segment_ids: torch.Tensor | None):
+        """(self-attention bias, self-attention mask, cross-attention mask) of one forward, in the form
+        `impl` takes; built once and shared by all blocks.
+
+        Packed rows: within one example the key-minus-query offsets are those of the example alone
+        (its tokens are contiguous), so the relative position bias needs no change; the segment
+        masks alone keep the examples apart.
+        """
+        B, T = x.shape[:2]
+        if impl == "flex":
+            self_mask = flex_block_mask(B, T, T, x.device, causal=self.is_decoder, key_mask=mask,
+                                        q_segments=segment_ids, k_segments=segment_ids)
+            cross_mask = None if memory is None else flex_block_mask(
+                B, T, memory.shape[1], x.device, key_mask=memory_mask, q_segments=segment_ids,
+                k_segments=memory_segment_ids)
+            return self.rel_bias.score_mod(T, T), self_mask, cross_mask
+        if segment_ids is not None:
+            self_mask = segment_bias(segment_ids, segment_ids)
+            cross_mask = None if memory is None else segment_bias(segment_ids, memory_segment_ids)
+        else:
+            self_mask, cross_mask = padding_bias(mask), padding_bias(memory_mask)
+        bias = self.position_bias(T)
+        if impl == "sdpa":  # one additive mask per attention type, in the dtype attention runs in
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return None, sdpa_mask(bias, self_mask, dtype), sdpa_mask(None, cross_mask, dtype)
+        return bias, self_mask, cross_mask
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None):
-        # x: (B, T, C) embeddings; mask: (B, T) and memory_mask: (B, S) 1/0 padding masks
-        bias, self_mask, cross_mask = self.position_bias(x.shape[1]), padding_bias(mask), padding_bias(memory_mask)
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None, *,
+                segment_ids: torch.Tensor | None = None, memory_segment_ids: torch.Tensor | None = None):
+        # x: (B, T, C) embeddings; mask: (B, T) and memory_mask: (B, S) 1/0 padding masks;
+        # segment_ids: (B, T), memory_segment_ids: (B, S) packed rows (1..k, 0 on padding); they
+        # replace the padding masks
+        if segment_ids is not None and memory is not None and memory_segment_ids is None:
+            raise ValueError("packed decoder rows (segment_ids) need the encoder's memory_segment_ids")
+        impl = choose_attention(self.cfg.attention, x.device, torch.is_grad_enabled(),
+                                dropout=self.training and self.cfg.dropout_rate > 0)
+        bias, self_mask, cross_mask = self.attention_inputs(impl, x, mask, memory, memory_mask,
+                                                            segment_ids, memory_segment_ids)
         x = self.drop(x)
         for block in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, bias, self_mask, memory, cross_mask, use_reentrant=False)
+                x = checkpoint(block, x, bias, self_mask, memory, cross_mask, impl=impl, use_reentrant=False)
             else:
-                x = block(x, bias, self_mask, memory, cross_mask)
+                x = block(x, bias, self_mask, memory, cross_mask, impl=impl)
         return self.drop(self.final_norm(x))
+
+
+# ----------------------------------------------------------------------------- loss
+LOSS_CHUNK_BYTES = 32 << 20  # fp32 logits of one chunk of the chunked loss (rows = this / (4 V))
+
+
+def _chunked_lm_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, rows: int,
+                     need_dh: bool, need_dw: bool):
+    """Summed cross-entropy of the logits h @ w.T, `rows` target positions at a time, and its
+    gradients with respect to h and w (fp32 softmax statistics, matmuls in h's dtype).
+
+    h: (N, C), w: (V, C), labels: (N,) with -100 where ignored -> (loss sum, dh or None, dw or None).
+    The gradient of the summed cross-entropy with respect to the logits is softmax - onehot(label)
+    on counted rows and 0 on ignored ones, so each chunk's share of dh and dw is finished while its
+    logits are at hand; only (rows, V) logits exist at any time.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
+    for i in range(0, h.shape[0], rows):
+        hc, yc = h[i:i + rows], labels[i:i + rows]  # (n, C), (n,)
+        logits = matmul_t(hc, w).float()  # (n, V): the one (n, V) buffer, reused in place below
+        counted = yc != -100
+        target = yc.clamp_min(0)[:, None]  # (n, 1)
+        target_logit = logits.gather(1, target)[:, 0]
+        top = logits.amax(dim=-1, keepdim=True)  # logsumexp = top + log(sum(exp(logits - top)))
+        e = logits.sub_(top).exp_()
+        norm = e.sum(dim=-1)
+        total += torch.where(counted, top[:, 0] + norm.log() - target_logit, 0.0).sum()
+        if need_dh or need_dw:
+            g = e.div_(norm[:, None])  # softmax
+            g.scatter_add_(1, target, torch.full_like(top, -1.0))  # - onehot(label)
+            g = g.mul_(counted[:, None]).to(h.dtype)
+            if need_dh:
+                dh[i:i + rows] = matmul_t(g, w.t())  # (n, C)
+            if need_dw:
+                dw += matmul_t(g.t(), hc.t())  # (V, C), accumulated in fp32
+    return total, dh, dw
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """`_chunked_lm_loss` as an autograd op: the gradients are computed in forward (no logits are
+    kept or recomputed) and scaled by the incoming gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, h, w, labels, rows):
+        total, dh, dw = _chunked_lm_loss(h, w, labels, rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.save_for_backward(dh, dw)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        dh = None if dh is None else dh * grad.to(dh.dtype)
+        dw = None if dw is None else (dw * grad).to(ctx.w_dtype)
+        return dh, dw, None, None
+
+
+def chunked_lm_loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
+                    rows: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of h @ w.T against labels (-100 ignored) without the (N, V) logits.
+
+    h: (N, C) and w: (V, C) in the matmul dtype; rows: target positions per chunk (default: about
+    LOSS_CHUNK_BYTES of fp32 logits). Equals F.cross_entropy(h @ w.T, labels, reduction="sum")
+    and its gradients, up to float rounding.
+    """
+    rows = rows or max(1, LOSS_CHUNK_BYTES // (4 * w.shape[0]))
+    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+        return _ChunkedLMLoss.apply(h, w, labels, rows)
+    return _chunked_lm_loss(h, w, labels, rows, False, False)[0]
 
 
 @dataclass
 class Seq2SeqOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when T5.forward(..., return_logits=False)
     loss: torch.Tensor | None = None
     encoder_hidden: torch.Tensor | None = field(default=None, repr=False)
 
@@ -447,14 +529,18 @@ class T5(nn.Module):
 
         Each matrix is N(0, fan_in**-0.5), except q whose std also folds in the missing
         1/sqrt(d_kv) logit scaling, i.e. (d_model * d_kv)**-0.5, and the token embedding (std 1).
-        Deviation: HF draws the untied lm_head with std 1.0, which gives logits ~sqrt(d_model) times
-        too large at init (nanoT5 issue #25); we use d_model**-0.5 like every other input-side matrix.
+        The untied lm_head depends on `config.lm_head_init`:
+        - "scaled" (default): std d_model**-0.5, like every other input-side matrix. A deliberate
+          deviation from HF and nanoT5: their std 1.0 gives logits ~sqrt(d_model) times too large
+          at init (nanoT5 issue #25).
+        - "hf": std 1.0, exactly HF `T5ForConditionalGeneration._init_weights` and nanoT5. In a
+          short pre-training run it changes the held-out loss and the ranking of optimizers (issue 16).
         """
         cfg = self.config
         d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
         nn.init.normal_(self.shared.weight, std=1.0)
         if not cfg.tie_word_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=d ** -0.5)
+            nn.init.normal_(self.lm_head.weight, std=1.0 if cfg.lm_head_init == "hf" else d ** -0.5)
         for stack in (self.encoder, self.decoder):
             nn.init.normal_(stack.rel_bias.weight, std=d ** -0.5)
             for module in stack.modules():
@@ -471,34 +557,88 @@ class T5(nn.Module):
                     nn.init.normal_(module.wo.weight, std=cfg.d_ff ** -0.5)
 
     # -------------------------------------------------------------- forward
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encoder(self.shared(input_ids), attention_mask)  # (B, S, C)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids: (B, S); attention_mask: (B, S) 1/0; segment_ids: (B, S) packed rows
+        return self.encoder(self.shared(input_ids), attention_mask, segment_ids=segment_ids)  # (B, S, C)
+
+    def head_weight(self) -> torch.Tensor:
+        """The output projection (V, C): the token embedding when tied, else lm_head."""
+        return self.shared.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The decoder output as the output projection sees it: original T5 multiplies it by
+        d_model**-0.5 first (mesh-tf; `config.scale_decoder_outputs`)."""
+        return h * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else h
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.config.tie_word_embeddings:
-            # original T5 rescales before the tied output projection (mesh-tf)
-            return linear(h * self.config.d_model ** -0.5, self.shared.weight)
-        return self.lm_head(h)
+        return linear(self.head_input(h), self.head_weight())  # (..., V)
 
-    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
-        """Decoder inputs: start token, then labels[:-1], with -100 replaced by pad."""
-        start = torch.full_like(labels[:, :1], self.config.decoder_start_token_id)
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the non-(-100) labels without materialising the logits:
+        h (B, T, C), labels (B, T). Same value and gradients as the plain path (chunked_lm_loss)."""
+        x, w = self.head_input(h), self.head_weight()
+        if torch.is_autocast_enabled(x.device.type):  # the dtype the plain path's matmul runs in
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dtype), w.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            total = chunked_lm_loss(x.flatten(0, 1), w, labels.flatten())
+        return total / (labels != -100).sum()
+
+    def shift_right(self, labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder inputs: start token, then labels[:-1], with -100 replaced by pad.
+
+        Packed rows (segment_ids (B, T)): every segment starts with its own start token, and
+        padding (segment 0) gets pad.
+        """
+        cfg = self.config
+        start = torch.full_like(labels[:, :1], cfg.decoder_start_token_id)
         shifted = torch.cat([start, labels[:, :-1]], dim=1)
-        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+        if segment_ids is not None:
+            first = torch.ones_like(segment_ids, dtype=torch.bool)  # a segment starts here
+            first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            shifted = shifted.masked_fill(first, cfg.decoder_start_token_id)
+            shifted = shifted.masked_fill(segment_ids == 0, cfg.pad_token_id)
+        return shifted.masked_fill(shifted == -100, cfg.pad_token_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
-                encoder_hidden: torch.Tensor | None = None) -> Seq2SeqOutput:
-        # input_ids: (B, S); labels: (B, T) with -100 where ignored
+                encoder_hidden: torch.Tensor | None = None, *,
+                encoder_segment_ids: torch.Tensor | None = None,
+                decoder_segment_ids: torch.Tensor | None = None,
+                return_logits: bool = True) -> Seq2SeqOutput:
+        """Logits and (with labels) the mean cross-entropy over the labels that are not -100.
+
+        input_ids: (B, S); attention_mask: (B, S) 1/0; labels: (B, T) with -100 where ignored;
+        decoder_input_ids: (B, T), default shift_right(labels); decoder_attention_mask: (B, T) 1/0;
+        encoder_hidden: (B, S, C) to skip the encoder.
+        Packing: encoder_segment_ids (B, S) and decoder_segment_ids (B, T) number the examples
+        packed into a row 1..k (example j: encoder segment j, decoder segment j), 0 on padding.
+        Attention then stays within each example (encoder block-diagonal, decoder causal within
+        its segment, decoder segment j sees encoder segment j), decoder inputs restart per segment,
+        and the attention masks may be left out (given, they are applied as well).
+        return_logits=False (with labels): the loss is computed in chunks of target positions and
+        the (B, T, V) logits never exist (less memory in training); out.logits is then None.
+        """
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("T5.forward: give encoder_segment_ids and decoder_segment_ids together")
+        if encoder_segment_ids is not None:  # masks given as well: padding becomes segment 0
+            if attention_mask is not None:
+                encoder_segment_ids = encoder_segment_ids.masked_fill(attention_mask == 0, 0)
+            if decoder_attention_mask is not None:
+                decoder_segment_ids = decoder_segment_ids.masked_fill(decoder_attention_mask == 0, 0)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5.forward needs labels or decoder_input_ids")
-            decoder_input_ids = self.shift_right(labels)
+            decoder_input_ids = self.shift_right(labels, decoder_segment_ids)
         if encoder_hidden is None:
-            encoder_hidden = self.encode(input_ids, attention_mask)
+            encoder_hidden = self.encode(input_ids, attention_mask, segment_ids=encoder_segment_ids)
         h = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask,
-                         memory=encoder_hidden, memory_mask=attention_mask)  # (B, T, C)
+                         memory=encoder_hidden, memory_mask=attention_mask,
+                         segment_ids=decoder_segment_ids, memory_segment_ids=encoder_segment_ids)  # (B, T, C)
+        if labels is not None and not return_logits:
+            return Seq2SeqOutput(logits=None, loss=self.lm_loss(h, labels), encoder_hidden=encoder_hidden)
         logits = self.lm_logits(h)  # (B, T, V)
         loss = None
         if labels is not None:

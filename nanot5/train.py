@@ -307,7 +307,7 @@ def accumulate_gradients(forward, micro_batches: list[dict[str, torch.Tensor]], 
     total = torch.zeros((), device=micro_batches[0]["input_ids"].device)
     for i, batch in enumerate(micro_batches):
         with (no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()), amp:
-            loss = forward(**batch).loss / n
+            loss = forward(**batch, return_logits=False).loss / n  # chunked: no full (B, T, V) logits
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     return total

@@ -137,29 +137,129 @@ def test_save_hf_loads_in_transformers_with_identical_logits(variant, tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_from_hf_loads_directories_saved_by_transformers(variant, tmp_path):
-    hf = hf_model(variant)
-    hf.save_pretrained(tmp_path)
-    ours = T5.from_hf(tmp_path).eval()
-    assert ours.config.tie_word_embeddings == VARIANTS[variant]["tie_word_embeddings"]
+# ------------------------------------------------------------- checkpoint formats
+TINY_HF = dict(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=16, relative_attention_max_distance=40, dropout_rate=0.0,
+               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def _untie(model, seed: int = 7) -> None:
+    """Give an HF model (tied at construction by transformers >= 5) its own lm_head, drawn like HF's
+    untied init (std 1)."""
+    g = torch.Generator().manual_seed(seed)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.shared.weight.shape, generator=g))
+
+
+def _write_checkpoint(fmt: str, out) -> None:
+    """A tiny random checkpoint directory in one of the formats users have on disk."""
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    torch.manual_seed(11)
+    if fmt == "t5-original":  # tied, scaled: transformers writes no lm_head.weight
+        T5ForConditionalGeneration(HFConfig(vocab_size=VOCAB, feed_forward_proj="relu", **TINY_HF)).save_pretrained(out)
+    elif fmt in ("t5-v1_1", "byt5"):  # untied, unscaled; byT5: byte vocabulary of 384 (t5 model_type)
+        vocab = 384 if fmt == "byt5" else VOCAB
+        hf = T5ForConditionalGeneration(HFConfig(vocab_size=vocab, feed_forward_proj="gated-gelu",
+                                                 tie_word_embeddings=False, **TINY_HF))
+        _untie(hf)
+        hf.save_pretrained(out)
+    elif fmt == "mt5-transformers5":  # tie_word_embeddings true, no lm_head.weight, never scaled
+        MT5ForConditionalGeneration(MT5Config(vocab_size=VOCAB, **TINY_HF)).save_pretrained(out)
+    elif fmt == "mt5-hub":  # google/mt5-*: tie_word_embeddings false and an untied lm_head.weight
+        hf = MT5ForConditionalGeneration(MT5Config(vocab_size=VOCAB, **TINY_HF))
+        state = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
+        state["lm_head.weight"] = torch.randn_like(state["shared.weight"])
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        config = dict(architectures=["MT5ForConditionalGeneration"], model_type="mt5", vocab_size=VOCAB,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, initializer_factor=1.0,
+                      is_encoder_decoder=True, layer_norm_epsilon=1e-6, output_past=True,
+                      tokenizer_class="T5Tokenizer", transformers_version="4.10.0.dev0", use_cache=True,
+                      **TINY_HF)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    else:
+        raise ValueError(fmt)
+
+
+# format -> (tied, scaled) as transformers 5 runs it
+FORMATS = {"t5-original": (True, True), "t5-v1_1": (False, False), "mt5-transformers5": (True, False),
+           "mt5-hub": (False, False), "byt5": (False, False)}
+
+
+def _logits_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_t5_family_checkpoint_loads_like_transformers(fmt, tmp_path):
+    """Parity with transformers' own model on each directory, then save_hf -> transformers -> from_hf."""
+    _write_checkpoint(fmt, tmp_path / "src")
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "src").eval()
+    tied, scaled = FORMATS[fmt]
+    assert (hf.lm_head.weight is hf.shared.weight) == tied  # the oracle runs the semantics we expect
+    ours = T5.from_hf(tmp_path / "src").eval()
+    assert (ours.config.tie_word_embeddings, ours.config.scale_decoder_outputs) == (tied, scaled)
     ids, mask, labels = padded_batch()
+    ids, labels = ids % hf.config.vocab_size, labels.where(labels < 0, labels % hf.config.vocab_size)
     ref = hf(input_ids=ids, attention_mask=mask, labels=labels).logits
-    assert (ours(ids, attention_mask=mask, labels=labels).logits - ref).abs().max() / ref.abs().max() <= 1e-5
+    got = ours(ids, attention_mask=mask, labels=labels).logits
+    assert _logits_rel(got, ref) <= 1e-5
+
+    ours.save_hf(tmp_path / "ours")
+    hf2, info = T5ForConditionalGeneration.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (hf2.lm_head.weight is hf2.shared.weight) == tied
+    assert _logits_rel(hf2.eval()(input_ids=ids, attention_mask=mask, labels=labels).logits, got) <= 1e-5
+    hf2.save_pretrained(tmp_path / "back")
+    back = T5.from_hf(tmp_path / "back").eval()
+    assert back.config == ours.config
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
-def test_from_hf_reads_pytorch_bin_and_untied_head_stored_once(tmp_path):
-    """An untied v1.1 directory whose head was saved sharing storage with the table (only shared.weight)."""
+def test_scaling_follows_model_type_not_the_tie_flag():
+    """transformers 5: t5 configs scale unless tie_word_embeddings is false (or scale_decoder_outputs
+    says otherwise); mt5 never scales."""
+    base = dict(TINY_HF, vocab_size=VOCAB, feed_forward_proj="gated-gelu")
+    for extra, expected in [({"model_type": "t5"}, (True, True)),  # original T5 hub config: no tie key
+                            ({"model_type": "t5", "tie_word_embeddings": False}, (False, False)),
+                            ({"model_type": "t5", "tie_word_embeddings": True,
+                              "scale_decoder_outputs": False}, (False, False)),
+                            ({"model_type": "mt5", "tie_word_embeddings": True}, (True, False)),
+                            ({"model_type": "mt5", "tie_word_embeddings": False}, (False, False))]:
+        cfg = config_from_hf({**base, **extra})
+        assert (cfg.tie_word_embeddings, cfg.scale_decoder_outputs) == expected, extra
+        if extra["model_type"] == "t5":  # transformers' own reading of the same dict
+            assert HFConfig(**{k: v for k, v in {**base, **extra}.items() if k != "model_type"}
+                            ).scale_decoder_outputs == expected[1]
+
+
+def test_umt5_is_refused_with_a_clear_error(tmp_path):
+    from transformers import UMT5Config, UMT5ForConditionalGeneration
+
+    UMT5ForConditionalGeneration(UMT5Config(vocab_size=VOCAB, **TINY_HF)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="UMT5 is not supported: it learns a relative position bias in every layer"):
+        T5.from_hf(tmp_path)
+    with pytest.raises(ValueError, match="UMT5 is not supported"):
+        T5Config.from_hf(tmp_path)
+
+
+def test_from_hf_reads_pytorch_bin_and_follows_transformers_tying(tmp_path):
+    """A v1.1 model whose head shares the table (transformers >= 5 builds it so) is saved without
+    lm_head.weight; transformers loads that tied and unscaled, and so do we (from a .bin here)."""
     hf = hf_model("v1_1")
-    hf.lm_head.weight = hf.shared.weight  # tied in memory, as transformers >= 5 builds it
+    hf.lm_head.weight = hf.shared.weight
     hf.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     assert "lm_head.weight" not in state
     (tmp_path / "model.safetensors").unlink()
     torch.save(state, tmp_path / "pytorch_model.bin")
-    ours = T5.from_hf(tmp_path)
-    assert not ours.config.tie_word_embeddings
-    assert torch.equal(ours.lm_head.weight, state["shared.weight"])
+    ours = T5.from_hf(tmp_path).eval()
+    assert ours.config.tie_word_embeddings and not ours.config.scale_decoder_outputs
+    ids, mask, labels = padded_batch()
+    ref = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()(input_ids=ids, attention_mask=mask,
+                                                                      labels=labels).logits
+    assert _logits_rel(ours(ids, attention_mask=mask, labels=labels).logits, ref) <= 1e-5
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -214,6 +314,55 @@ def test_base_preset_has_248m_parameters_and_hf_init_scales():
     inner = small.config.num_heads * small.config.d_kv
     assert qkv[:inner].std().item() == pytest.approx((d * small.config.d_kv) ** -0.5, rel=0.05)
     assert qkv[inner:].std().item() == pytest.approx(d ** -0.5, rel=0.05)
+
+
+def test_lm_head_init_hf_draws_std_one():
+    """lm_head_init=hf: std 1.0 as HF's _init_weights and nanoT5; default: d_model**-0.5 (t5-v1_1-small)."""
+    for init, expected in (("hf", 1.0), ("scaled", 512 ** -0.5)):
+        with torch.device("meta"):  # only the head gets real memory: init_weights draws it
+            model = T5(T5Config.from_name("t5-v1_1-small", lm_head_init=init))
+        model.lm_head.to_empty(device="cpu")
+        torch.manual_seed(0)
+        model.init_weights()
+        assert model.lm_head.weight.std().item() == pytest.approx(expected, rel=0.02), init
+    with pytest.raises(ValueError, match="lm_head_init"):
+        T5Config(lm_head_init="xavier")
+    with pytest.raises(ValueError, match="attention"):
+        T5Config(attention="fast")
+
+
+# ------------------------------------------------------------------- chunked loss
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chunked_loss_equals_plain_loss_and_gradients(variant, monkeypatch):
+    import nanot5.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_BYTES", 4 * VOCAB * 5)  # 5 target positions per chunk
+    torch.manual_seed(0)
+    cfg = T5Config.from_name("t5-v1_1-tiny", vocab_size=VOCAB, **VARIANTS[variant])
+    plain, chunked = T5(cfg), T5(cfg)
+    chunked.load_state_dict(plain.state_dict())
+    ids, mask, labels = padded_batch()
+    ref = plain(ids, attention_mask=mask, labels=labels)
+    out = chunked(ids, attention_mask=mask, labels=labels, return_logits=False)
+    assert out.logits is None and ref.logits.shape == (3, 13, VOCAB)
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * ref.loss.item()
+    (2.0 * ref.loss).backward()  # an upstream gradient other than 1 reaches both paths alike
+    (2.0 * out.loss).backward()
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        assert rel(q.grad, p.grad) <= 1e-5, name
+    with torch.no_grad():  # evaluation: the same loss without any gradient work
+        assert abs(chunked(ids, attention_mask=mask, labels=labels, return_logits=False).loss.item()
+                   - ref.loss.item()) <= 1e-5 * ref.loss.item()
+
+
+def test_chunked_loss_under_bf16_autocast_matches_plain():
+    torch.manual_seed(0)
+    model = T5(T5Config.from_name("t5-v1_1-tiny", vocab_size=VOCAB))
+    ids, mask, labels = padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids, attention_mask=mask, labels=labels).loss
+        out = model(ids, attention_mask=mask, labels=labels, return_logits=False).loss
+    assert abs(out.item() - ref.item()) <= 1e-3 * ref.item()
 
 
 def test_gradient_checkpointing_gives_same_gradients():
