@@ -91,9 +91,9 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-# T5.from_hf / T5.save_hf import nanot5.hf lazily (hf maps names onto model.T5); a convenience the
-# issue allows. Every other edge of the module graph points one way.
-ALLOWED_CYCLE_EDGES = {("nanot5.model", "nanot5.hf")}
+# T5.from_hf / T5.save_hf / T5.generate are thin methods that import nanot5.hf / nanot5.generation lazily
+# (those modules work on a model.T5); a convenience the issue allows. Every other edge points one way.
+ALLOWED_CYCLE_EDGES = {("nanot5.model", "nanot5.hf"), ("nanot5.model", "nanot5.generation")}
 
 
 def test_no_import_cycles_among_nanot5_modules():
