@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("nanot5.evaluate:evaluate_main", "held-out loss/accuracy of a model directory"),
     "predict": ("nanot5.evaluate:predict_main", "generate for SNI test tasks; exact match and ROUGE-L"),
     "export": ("nanot5.evaluate:export_main", "write a checkpoint in Hugging Face format"),
+    "plan": ("nanot5.plan:plan_main", "memory per device of a training config (parameters ... activations)"),
     "tokenizer": ("nanot5.data.tokenizer:tokenizer_main", "train a SentencePiece tokenizer (tokenizer train ...)"),
     "data": ("nanot5.cli:data_main", "prepare data sets (data prepare demo|sni ...)"),
 }

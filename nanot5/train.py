@@ -292,11 +292,6 @@ def train(cfg: Config) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, len(tokenizer)).to(device)
     strategy = cfg.distributed.strategy if env.enabled else "single"
-    if strategy == "fsdp" and cfg.optim.name != "adamw":
-        # AdamWScale's per-matrix RMS and Adafactor's row/column statistics need whole matrices;
-        # on FSDP shards they would need extra collectives, which are not written yet
-        raise ConfigError(f"distributed.strategy=fsdp supports optim.name=adamw only (got {cfg.optim.name}); "
-                          "use distributed.strategy=ddp for adamwscale/adafactor")
     train_model = distributed.wrap_model(model, strategy, env, cfg.precision) if env.enabled else model
     groups = param_groups(model, cfg.optim.weight_decay)
     optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.base_lr,
