@@ -1,4 +1,5 @@
-"""torchrun on CPU with gloo: DDP/FSDP equal one process, resume across world sizes, failures end the job."""
+"""torchrun on CPU with gloo: DDP and FSDP (AdamWScale, Adafactor, AdamW) equal one process, the optimizers on
+FSDP2 shards, two torchrun agents (multi-node), resume across world sizes, failures end the job."""
 
 from __future__ import annotations
 
@@ -103,11 +104,10 @@ def test_two_torchrun_agents_equal_one_agent(test_data, tmp_path, cached_run):
          f"--rdzv_conf=is_host={int(host)}", "-m", "nanot5", *cli],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for host in (True, False)]
-    outs = []
-    for agent in agents:
-        try:
-            outs.append(agent.communicate(timeout=300)[0])
-        finally:
+    try:
+        outs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
             if agent.poll() is None:
                 agent.kill()
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outs)

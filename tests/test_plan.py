@@ -128,12 +128,15 @@ def test_fsdp_shards_what_ddp_replicates():
         memory_plan(cfg, world_size=3)
 
 
-def test_plan_cli(capsys):
-    assert plan_main(["preset=nanot5-base", "model.name=t5-v1_1-xl", "distributed.strategy=fsdp",
-                      "world_size=8", "memory_gb=80"]) == 0
-    out = capsys.readouterr().out
-    assert "t5-v1_1-xl" in out and "fsdp on 8 devices" in out and "fits in 80 GB" in out
-    assert plan_main(["preset=nanot5-base", "model.name=t5-v1_1-xl", "memory_gb=16"]) == 1  # one GPU: no
-    assert "does NOT fit in 16 GB" in capsys.readouterr().out
+def test_plan_cli_and_the_big_presets(capsys):
+    # the presets for 8 x 80 GB: FSDP, and a peak that leaves room for what the plan leaves out
+    for preset, model in (("t5-large", "t5-v1_1-large"), ("t5-xl", "t5-v1_1-xl")):
+        assert plan_main([f"preset={preset}", "world_size=8", "memory_gb=80"]) == 0
+        out = capsys.readouterr().out
+        assert model in out and "fsdp on 8 devices" in out and "fits in 80 GB" in out
+        plan = memory_plan(load_config([f"preset={preset}"]), world_size=8)
+        assert plan.strategy == "fsdp" and plan.micro_batch == 16 and plan.peak < 0.6 * plan.memory
+    assert plan_main(["preset=t5-xl", "memory_gb=80"]) == 1  # one GPU cannot hold XL's step
+    assert "does NOT fit in 80 GB" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="world_size"):
         plan_main(["world_size=two"])
