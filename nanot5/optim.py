@@ -101,8 +101,8 @@ def _local(x: Tensor) -> Tensor:
 
 
 class _Shard:
-    """Where a parameter's local tensor lies in the whole: rows [offset, offset + rows) of dim 0,
-    the others spread over `group` (None: the local tensor is the whole parameter).
+    """Where a parameter's local tensor lies in the whole: rows [offset, offset + rows) of dim 0;
+    the other processes of `group` hold the other rows (group None: the local tensor is whole).
 
     FSDP2 (`fully_shard`) shards dim 0 as `torch.chunk` does (torch/distributed/fsdp/
     _fully_shard/_fsdp_param.py): rank i of k holds rows [i c, min((i + 1) c, rows)), c = ceil(rows / k),
@@ -295,7 +295,8 @@ class AdamWScale(torch.optim.Optimizer):
         if group["scale_parameter"]:
             for (device, dtype, _, shard_group), b in buckets.items():
                 # (blocks,) sums of squares: this process's pieces, zero for blocks held elsewhere
-                norms = torch._foreach_norm(b["p"], 2, dtype=_sum_dtype(dtype)) if b["p"] else []
+                norms = torch._foreach_norm(b["p"], 2, dtype=torch.float32 if dtype in _HALF else None) \
+                    if b["p"] else []
                 zero = torch.zeros((), dtype=_sum_dtype(dtype), device=device)
                 b["sumsq"] = partials.add(torch.stack(
                     [zero if i is None else norms[i] for i, _, _ in b["blocks"]]).square_(), shard_group)
@@ -322,7 +323,7 @@ class AdamWScale(torch.optim.Optimizer):
         floats if not scaled); b["sumsq"] holds the matrices' complete sums of squares."""
         if not scale:
             return [b["blocks"][k][1] for k in b["seg"]]
-        rms = list(b["sumsq"].sqrt_().unbind())  # (blocks,) norms
+        rms = torch._foreach_sqrt(list(b["sumsq"].unbind()))  # a 0-d norm per block, each its own tensor
         torch._foreach_div_(rms, [math.sqrt(numel) for _, _, numel in b["blocks"]])
         torch._foreach_clamp_min_(rms, 1e-3)  # max(1e-3, rms) without reading rms on the host
         torch._foreach_mul_(rms, [coef for _, coef, _ in b["blocks"]])
