@@ -109,10 +109,10 @@ class _Shard:
     so the last ranks may hold fewer rows, or none.
     """
 
-    __slots__ = ("offset", "rows", "group")
+    __slots__ = ("local", "offset", "rows", "group")
 
     def __init__(self, p: Tensor, owner: str):
-        local = _local(p)
+        self.local = local = _local(p)
         self.offset, self.rows, self.group = 0, (local.shape[0] if local.ndim else 1), None
         if local is p:
             return
@@ -144,6 +144,18 @@ class _Shard:
             if lo < hi:
                 out.append((b, lo - self.offset, hi - self.offset))
         return out
+
+    def runs(self, total_rows: int, n: int) -> list[tuple[int, int, int, int]]:
+        """(first block, blocks, start, stop): `segments` with consecutive whole blocks merged, so
+        that a whole parameter is one run of n blocks, viewed (n, rows / n, ...)."""
+        size = total_rows // n
+        out: list[list] = []
+        for b, lo, hi in self.segments(total_rows, n):
+            if out and hi - lo == size and out[-1][3] - out[-1][2] == out[-1][1] * size and out[-1][3] == lo:
+                out[-1][1], out[-1][3] = out[-1][1] + 1, hi
+            else:
+                out.append([b, 1, lo, hi])
+        return [tuple(r) for r in out]
 
 
 def _new_state(p: Tensor, local_shape: tuple[int, ...], global_shape: tuple[int, ...], dtype: torch.dtype,
@@ -279,7 +291,7 @@ class AdamWScale(torch.optim.Optimizer):
             t = state["step"]
             coef = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)  # bias-corrected lr
             shard = _Shard(p, "AdamWScale")
-            local = _local(p)
+            local = shard.local
             b = buckets.setdefault((local.device, local.dtype, self._use_fused(local), shard.group),
                                    dict(params=[], p=[], g=[], m=[], v=[], seg=[], blocks=[]))
             b["params"].append(local)
@@ -388,6 +400,9 @@ class Adafactor(torch.optim.Optimizer):
     and, as sum(u^2) = mean(R) sum_j (sum_i g_ij^2 / R_i) / C_j, rms(u) needs no second pass.
     On FSDP2 shards (DTensors, rows on dim 0; R is local there) these sums are completed with one
     all_reduce per step for all parameters (`_Partials`); R and V are sharded like p, C replicated.
+    The per-matrix scalars (step, clipping) of all parameters are then computed together with
+    foreach ops, and each matrix is updated with one pass: p -= g_ij rsqrt(C_j) rsqrt(R_i) k,
+    k = sqrt(mean(R)) step / max(1, rms(u) / clip).
     """
 
     def __init__(self, params: Iterable, lr: float, eps: tuple[float, float] = (1e-30, 1e-3),
@@ -416,21 +431,26 @@ class Adafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # two passes: statistics and local sums of every parameter, one reduction, then the updates
+        # statistics and local sums per parameter; one reduction; every block's step size and
+        # update scale at once (foreach); the updates per parameter
         partials = _Partials()
         work = []
         for group in self.param_groups:
             lr = _check_lr(group["lr"], "Adafactor")
             for p, n in zip(group["params"], _blocks_of(group)):
                 if p.grad is not None:
-                    work.append((p, group, lr, self._prepare(p, n, group, partials)))
-        partials.reduce()
-        for p, group, lr, sums in work:
-            self._update(p, group, lr, sums)
+                    work.append(self._prepare(p, n, group, lr, partials))
+        if work:
+            w_sq = [w["w_sq"] for w in work]
+            torch._foreach_mul_(w_sq, w_sq)  # norms -> sums of squares, before they are summed
+            partials.reduce()
+            self._scales(work)
+        for w in work:
+            self._update(w)
         return loss
 
-    def _prepare(self, p: Tensor, n: int, group: dict[str, Any], partials: _Partials) -> dict[str, Any]:
-        """Update the local second-moment statistics (R, or V) and return the local sums."""
+    def _prepare(self, p: Tensor, n: int, group: dict[str, Any], lr: float, partials: _Partials) -> dict:
+        """Update the local second-moment statistics (R, or V); return the local sums, per block."""
         grad = _grad(p, "Adafactor")
         shard = _Shard(p, "Adafactor")
         if shard.group is not None and p.ndim > 2:
@@ -453,93 +473,138 @@ class Adafactor(torch.optim.Optimizer):
         state["step"] += 1
         beta2t = 1.0 - state["step"] ** group["decay_rate"]
         eps1 = group["eps"][0]
-        w = _local(p)
-        sums: dict[str, Any] = {"n": n, "shard": shard, "beta2t": beta2t}
-        if factored:
-            # per block b: (n, ..., C) sums over its rows of g^2 and g^2 / R, (n, ...) sums of R
-            rows, batch = p.shape[-2], p.shape[:-2]
-            segments = shard.segments(rows, n) if p.ndim == 2 else [(0, 0, rows)]
-            row = _local(state["exp_avg_sq_row"])
-            col_sum = g.new_zeros((n, *batch, p.shape[-1]))
-            ratio_sum, row_sum = torch.zeros_like(col_sum), g.new_zeros((n, *batch))
-            w_sq = g.new_zeros(n)
-            for b, lo, hi in segments:
-                gs, r = g[..., lo:hi, :], row[..., lo:hi]
-                sq = gs * gs  # mean(g^2 + eps1) = mean(g^2) + eps1, added to the (R,) and (C,) means only
-                r.mul_(beta2t).add_(sq.mean(dim=-1).add_(eps1), alpha=1.0 - beta2t)
-                col_sum[b] = sq.sum(dim=-2)
-                ratio_sum[b] = torch.matmul(r.reciprocal().unsqueeze(-2), sq).squeeze(-2)
-                row_sum[b] = r.sum(dim=-1)
-                if group["scale_parameter"]:
-                    w_sq[b] = torch.linalg.vector_norm(w[..., lo:hi, :], dtype=dtype).square()
-                del sq
-            sums.update(segments=segments, col=col_sum, ratio=ratio_sum, row=row_sum, w_sq=w_sq)
-            for key in ("col", "ratio", "row", "w_sq"):
-                partials.add(sums[key], shard.group)
-        else:
+        w = shard.local
+        work = dict(p=p, group=group, lr=lr, n=n, beta2t=beta2t, numel=p.numel() // n, factored=factored)
+        if not factored:
             v = _local(state["exp_avg_sq"])
             v.mul_(beta2t).add_(g * g + eps1, alpha=1.0 - beta2t)
-            u_sq = (g * g).div_(v).sum()  # sum(u^2), u = g / sqrt(V)
-            w_sq = torch.linalg.vector_norm(w, dtype=dtype).square()
-            sums.update(u_sq=partials.add(u_sq, shard.group), w_sq=partials.add(w_sq, shard.group))
-        return sums
-
-    def _update(self, p: Tensor, group: dict[str, Any], lr: float, sums: dict[str, Any]) -> None:
-        """Apply the update to the local rows, from the completed sums."""
-        state, n, beta2t = self.state[p], sums["n"], sums["beta2t"]
-        eps1, eps2 = group["eps"]
-        g = _local(p.grad)
-        g = g.float() if g.dtype in _HALF else g
-        w = _local(p)
-        w = w.float() if w.dtype in _HALF else w  # fp32 working copy of a half parameter
-        block_numel = p.numel() // n
-        step = lr  # (n,) per block on the device, or a float if not scale_parameter
-        if group["scale_parameter"]:
-            step = sums["w_sq"].div_(block_numel).sqrt_().clamp_min_(eps2).mul_(lr)  # max(eps2, rms(p)) lr
-
-        if p.ndim >= 2:
-            rows_per_block = p.shape[-2] // n
-            col = state["exp_avg_sq_col"]
-            col = _local(col).view(n, *col.shape[-(p.ndim - 1):])  # (n, ..., C)
-            col.mul_(beta2t).add_(sums["col"].div_(rows_per_block).add_(eps1), alpha=1.0 - beta2t)
-            row_mean = sums["row"].div_(rows_per_block)  # (n, ...)
-            # sum(u^2) = mean(R) sum_j (sum_i g_ij^2 / R_i) / C_j, per block
-            u_sq = (sums["ratio"].div_(col).sum(dim=-1) * row_mean).reshape(n, -1).sum(dim=1)  # (n,)
-            scale = (u_sq.div_(block_numel).sqrt_().div_(group["clip_threshold"])
-                     .clamp_min_(1.0).reciprocal_().mul_(step))  # (n,) step / max(1, rms(u) / clip)
-            row = _local(state["exp_avg_sq_row"])
-            m = None if group["beta1"] is None else _local(state["exp_avg"])
-            for b, lo, hi in sums["segments"]:
-                ws = w[..., lo:hi, :]
-                # u = g * r_i * c_j, r = rsqrt(R / mean(R)), c = rsqrt(C) (Shazeer & Stern, sec. 3)
-                r = (row[..., lo:hi] / row_mean[b].unsqueeze(-1)).rsqrt_()  # (..., rows)
-                gc = g[..., lo:hi, :] * col[b].rsqrt().unsqueeze(-2)  # (..., rows, C)
-                row_scale = r.unsqueeze(-1) * scale[b]  # (..., rows, 1): r_i * step / clip
-                self._decay(ws, step if isinstance(step, float) else step[b], group)
-                if m is None:
-                    ws.addcmul_(gc, row_scale, value=-1.0)  # w -= g * c_j * r_i * step / clip
-                else:
-                    ms = m[..., lo:hi, :]
-                    ms.mul_(group["beta1"]).add_(gc.mul_(row_scale), alpha=1.0 - group["beta1"])
-                    ws.sub_(ms)
-        else:
-            v = _local(state["exp_avg_sq"])
-            clip = sums["u_sq"].div_(block_numel).sqrt_().div_(group["clip_threshold"]).clamp_min_(1.0)
-            update = v.rsqrt().mul_(g).div_(clip).mul_(step)
-            if group["beta1"] is not None:
-                update = _local(state["exp_avg"]).mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
-            self._decay(w, step, group)
-            w.sub_(update)
-        if p.dtype in _HALF:
-            _local(p).copy_(w)
+            work["u_sq"] = partials.add((g * g).div_(v).sum().reshape(1), shard.group)  # sum(u^2), u = g / sqrt(V)
+            work["w_sq"] = partials.add(torch.linalg.vector_norm(w, dtype=dtype).reshape(1), shard.group)
+            return work
+        # per block b: sums over its rows of g^2 (n, ..., C), of g^2 / R (n, ..., C), of R (n, ...), ||p||
+        rows, batch, cols = p.shape[-2], p.shape[:-2], p.shape[-1]
+        runs = shard.runs(rows, n) if p.ndim == 2 else [(0, 1, 0, rows)]
+        row = _local(state["exp_avg_sq_row"])
+        parts = []  # per run: the sums of its blocks
+        for b0, nb, lo, hi in runs:
+            gs, r, ws = (_blocks(x, nb, lo, hi, p.ndim) for x in (g, row, w))  # (nb, ..., rows, C), ...
+            sq = gs * gs  # mean(g^2 + eps1) = mean(g^2) + eps1, added to the (R,) and (C,) means only
+            r.mul_(beta2t).add_(sq.mean(dim=-1).add_(eps1), alpha=1.0 - beta2t)
+            parts.append((b0, nb, sq.sum(dim=-2), torch.matmul(r.reciprocal().unsqueeze(-2), sq).squeeze(-2),
+                          r.sum(dim=-1), torch.linalg.vector_norm(ws.reshape(nb, -1), dim=1, dtype=dtype)))
+            del sq
+        for k, key in enumerate(("col_sum", "ratio", "row_sum", "w_sq"), start=2):
+            if len(parts) == 1 and parts[0][1] == n:  # this process holds every row
+                sums = parts[0][k]
+            else:  # blocks held only by other processes add zeros here; their sums come from there
+                held = {b0 + i: x[i:i + 1] for b0, nb, *xs in parts for i, x in ((i, xs[k - 2]) for i in range(nb))}
+                zero = g.new_zeros((1, *batch, cols) if k < 4 else (1, *batch) if k == 4 else (1,))
+                sums = torch.cat([held.get(b, zero) for b in range(n)])
+            work[key] = partials.add(sums, shard.group)
+        col = state["exp_avg_sq_col"]
+        work.update(runs=runs, rows=rows // n, col=_local(col).view(n, *col.shape[-(p.ndim - 1):]))
+        return work
 
     @staticmethod
-    def _decay(w: Tensor, step: Tensor | float, group: dict[str, Any]) -> None:
-        if group["weight_decay"] > 0.0:
-            if isinstance(step, Tensor):
-                w.addcmul_(w, step * -group["weight_decay"])  # w - wd * step * w
-            else:
-                w.add_(w, alpha=-group["weight_decay"] * step)
+    def _scales(work: list[dict]) -> None:
+        """For every block of every parameter, from the completed sums, with foreach ops:
+        C = b2t C + (1 - b2t) (mean(g^2) + eps1), step = lr max(eps2, rms(p)) (or lr), and
+        scale = step / max(1, rms(u) / clip); for matrices k = sqrt(mean(R)) * scale, so that
+        the update is g_ij * rsqrt(C_j) * rsqrt(R_i) * k."""
+        fact = [w for w in work if w["factored"]]
+        if fact:
+            cols, sums = [w["col"] for w in fact], [w["col_sum"] for w in fact]
+            torch._foreach_div_(sums, [float(w["rows"]) for w in fact])  # means over each block's rows
+            torch._foreach_add_(sums, [w["group"]["eps"][0] for w in fact])
+            torch._foreach_mul_(sums, [1.0 - w["beta2t"] for w in fact])
+            torch._foreach_mul_(cols, [w["beta2t"] for w in fact])
+            torch._foreach_add_(cols, sums)
+            row_means = [w["row_sum"] for w in fact]
+            torch._foreach_div_(row_means, [float(w["rows"]) for w in fact])
+            torch._foreach_div_([w["ratio"] for w in fact], cols)
+            for w in fact:  # sum(u^2) = mean(R) sum_j (sum_i g_ij^2 / R_i) / C_j, per block
+                u_sq = w["ratio"].sum(dim=-1).mul_(w["row_sum"])  # (n, ...)
+                w["u_sq"] = u_sq if u_sq.ndim == 1 else u_sq.reshape(w["n"], -1).sum(dim=1)
+        scales = [w["u_sq"] for w in work]  # (n,) each: becomes step / max(1, rms(u) / clip)
+        torch._foreach_div_(scales, [float(w["numel"]) for w in work])
+        torch._foreach_sqrt_(scales)
+        torch._foreach_div_(scales, [w["group"]["clip_threshold"] for w in work])
+        torch._foreach_clamp_min_(scales, 1.0)
+        torch._foreach_reciprocal_(scales)
+        scaled = [w for w in work if w["group"]["scale_parameter"]]
+        steps = [w["w_sq"] for w in scaled]  # (n,) each: becomes lr * max(eps2, rms(p)), on the device
+        if scaled:
+            torch._foreach_div_(steps, [float(w["numel"]) for w in scaled])
+            torch._foreach_sqrt_(steps)
+            torch._foreach_clamp_min_(steps, [w["group"]["eps"][1] for w in scaled])
+            torch._foreach_mul_(steps, [w["lr"] for w in scaled])
+            torch._foreach_mul_([w["u_sq"] for w in scaled], steps)
+        plain = [w for w in work if not w["group"]["scale_parameter"]]
+        if plain:
+            torch._foreach_mul_([w["u_sq"] for w in plain], [w["lr"] for w in plain])
+        for w in work:
+            w["step"], w["scale"] = (w["w_sq"] if w["group"]["scale_parameter"] else w["lr"]), w["u_sq"]
+        if fact:
+            ks = [w["row_sum"] for w in fact]
+            torch._foreach_sqrt_(ks)
+            torch._foreach_mul_(ks, [w["scale"].view(w["scale"].shape + (1,) * (k.ndim - 1))
+                                     for w, k in zip(fact, ks)])
+            for w in fact:
+                w["k"] = w["row_sum"]
+
+    def _update(self, work: dict) -> None:
+        """Apply the update to the local rows."""
+        p, group, n = work["p"], work["group"], work["n"]
+        state = self.state[p]
+        g = _local(p.grad)
+        g = g.float() if g.dtype in _HALF else g
+        local = _local(p)
+        w = local.float() if local.dtype in _HALF else local  # fp32 working copy of a half parameter
+        wd, beta1, step = group["weight_decay"], group["beta1"], work["step"]
+        decay = None if wd == 0.0 else (-wd * step if isinstance(step, float) else step * -wd)  # (n,) or float
+        m = None if beta1 is None else _local(state["exp_avg"])
+        if work["factored"]:
+            row = _local(state["exp_avg_sq_row"])
+            c = work["col"].rsqrt().unsqueeze(-2)  # (n, ..., 1, C)
+            k = work["k"].view(*work["k"].shape, 1, 1)  # (n, ..., 1, 1)
+            if isinstance(decay, Tensor):
+                decay = decay.view(n, *(1,) * (p.ndim if p.ndim > 2 else 2))  # (n, ..., 1, 1)
+            for b0, nb, lo, hi in work["runs"]:
+                ws, gs, rs = (_blocks(x, nb, lo, hi, p.ndim) for x in (w, g, row))
+                blocks = slice(b0, b0 + nb)
+                # u = g * r_i * c_j, r = rsqrt(R / mean(R)), c = rsqrt(C) (Shazeer & Stern, sec. 3)
+                r = rs.rsqrt().unsqueeze(-1).mul_(k[blocks])  # (nb, ..., rows, 1): r_i step / max(1, rms(u) / clip)
+                gc = gs * c[blocks]  # (nb, ..., rows, C)
+                if isinstance(decay, float):  # w -= wd * step * w
+                    ws.add_(ws, alpha=decay)
+                elif decay is not None:
+                    ws.addcmul_(ws, decay[blocks])
+                if m is None:
+                    ws.addcmul_(gc, r, value=-1.0)
+                else:
+                    ms = _blocks(m, nb, lo, hi, p.ndim)
+                    ms.mul_(beta1).add_(gc.mul_(r), alpha=1.0 - beta1)
+                    ws.sub_(ms)
+        else:
+            update = _local(state["exp_avg_sq"]).rsqrt().mul_(g).mul_(work["scale"].view(()))
+            if m is not None:
+                update = m.mul_(beta1).add_(update, alpha=1.0 - beta1)
+            if isinstance(decay, float):
+                w.add_(w, alpha=decay)
+            elif decay is not None:
+                w.addcmul_(w, decay.view(()))
+            w.sub_(update)
+        if local.dtype in _HALF:
+            local.copy_(w)
+
+
+def _blocks(x: Tensor, nb: int, lo: int, hi: int, ndim: int) -> Tensor:
+    """Local rows [lo, hi) of a matrix-shaped x (a parameter, its gradient or row statistics) as
+    nb row blocks: (nb, rows, ...); a tensor with more than 2 dims (one block) as (1, ...)."""
+    if ndim > 2:
+        return x.unsqueeze(0)
+    part = x if (lo, hi) == (0, x.shape[0]) else x[lo:hi]
+    return part.view(nb, (hi - lo) // nb, *x.shape[1:])
 
 
 # ------------------------------------------------------------------------ groups
