@@ -493,14 +493,17 @@ class Adafactor(torch.optim.Optimizer):
             parts.append((b0, nb, sq.sum(dim=-2), torch.matmul(r.reciprocal().unsqueeze(-2), sq).squeeze(-2),
                           r.sum(dim=-1), torch.linalg.vector_norm(ws.reshape(nb, -1), dim=1, dtype=dtype)))
             del sq
-        for k, key in enumerate(("col_sum", "ratio", "row_sum", "w_sq"), start=2):
-            if len(parts) == 1 and parts[0][1] == n:  # this process holds every row
-                sums = parts[0][k]
-            else:  # blocks held only by other processes add zeros here; their sums come from there
-                held = {b0 + i: x[i:i + 1] for b0, nb, *xs in parts for i, x in ((i, xs[k - 2]) for i in range(nb))}
-                zero = g.new_zeros((1, *batch, cols) if k < 4 else (1, *batch) if k == 4 else (1,))
-                sums = torch.cat([held.get(b, zero) for b in range(n)])
-            work[key] = partials.add(sums, shard.group)
+        # a shard holds consecutive blocks: those before and after it add zeros here (their sums
+        # come from the processes that hold them)
+        first, end = (parts[0][0], parts[-1][0] + parts[-1][1]) if parts else (0, 0)
+        for k, (key, tail) in enumerate(zip(("col_sum", "ratio", "row_sum", "w_sq"),
+                                            ((*batch, cols), (*batch, cols), batch, ())), start=2):
+            pieces = [part[k] for part in parts]
+            if first > 0:
+                pieces.insert(0, g.new_zeros((first, *tail)))
+            if end < n:
+                pieces.append(g.new_zeros((n - end, *tail)))
+            work[key] = partials.add(pieces[0] if len(pieces) == 1 else torch.cat(pieces), shard.group)
         col = state["exp_avg_sq_col"]
         work.update(runs=runs, rows=rows // n, col=_local(col).view(n, *col.shape[-(p.ndim - 1):]))
         return work
@@ -568,7 +571,7 @@ class Adafactor(torch.optim.Optimizer):
             c = work["col"].rsqrt().unsqueeze(-2)  # (n, ..., 1, C)
             k = work["k"].view(*work["k"].shape, 1, 1)  # (n, ..., 1, 1)
             if isinstance(decay, Tensor):
-                decay = decay.view(n, *(1,) * (p.ndim if p.ndim > 2 else 2))  # (n, ..., 1, 1)
+                decay = decay.view(n, *(1,) * p.ndim)  # (n, 1, ..., 1), like the blocked views
             for b0, nb, lo, hi in work["runs"]:
                 ws, gs, rs = (_blocks(x, nb, lo, hi, p.ndim) for x in (w, g, row))
                 blocks = slice(b0, b0 + nb)
