@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("nanot5.evaluate:predict_main", "generate for SNI test tasks; exact match and ROUGE-L"),
     "export": ("nanot5.evaluate:export_main", "write a checkpoint in Hugging Face format"),
     "sweep": ("nanot5.sweep:sweep_main", "run a grid of configs (sweep.KEY=v1,v2 ...) and tabulate/plot them"),
+    "plan": ("nanot5.plan:plan_main", "memory per device of a training config (parameters ... activations)"),
     "tokenizer": ("nanot5.data.tokenizer:tokenizer_main", "train a SentencePiece tokenizer (tokenizer train ...)"),
     "data": ("nanot5.cli:data_main", "prepare data sets (data prepare demo|sni ...)"),
 }

@@ -183,17 +183,21 @@ def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, 
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, _init_optim_state,
+                                                         set_model_state_dict)
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    # The optimizer decides how its state is laid out (AdamW's moments sharded like the parameter,
+    # Adafactor's row statistics sharded, its column statistics replicated). Let it create that
+    # state with a zero-lr step on zero gradients, as torch.distributed.checkpoint itself does,
+    # then give every saved tensor the layout of its live counterpart.
+    _init_optim_state(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for k, st in optim_state["state"].items():
-        p = params[int(k)]
+        live = optimizer.state[params[int(k)]]
         for n, v in st.items():
-            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.shape:
-                st[n] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+            like = live.get(n)
+            if isinstance(like, DTensor) and isinstance(v, torch.Tensor) and v.ndim > 0:
+                st[n] = distribute_tensor(v.to(like.device), like.device_mesh, like.placements)
     optimizer.load_state_dict(optim_state)

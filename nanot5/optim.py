@@ -18,12 +18,19 @@ concatenated along dim 0, see `T5.fused_row_blocks`). nanoT5 and Adafactor treat
 on its own (its own RMS, its own factored statistics), so a param group may carry
 `row_blocks`: one int per parameter, the number of equal row blocks it holds. `param_groups`
 fills it in; each block is then optimised exactly as a separate matrix would be.
+
+Sharded parameters. Under FSDP2 (`fully_shard`) parameters are DTensors whose dim 0 (rows) is
+split over the processes, and a shard boundary may cut a row block. Both optimizers update the
+local rows and take every whole-matrix quantity (sums of squares for the RMS, Adafactor's column
+statistics) as local partial sums completed by one all_reduce per step for all parameters
+(`_Partials`); with whole tensors that reduction is a no-op. One code path, the same formulas.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -52,9 +59,9 @@ def _check_row_blocks(group: dict[str, Any], owner: str) -> None:
     for i, (p, n) in enumerate(zip(params, blocks)):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"{owner}: row_blocks[{i}] must be a positive int, got {n!r}")
-        if n > 1 and (p.ndim < 2 or p.shape[0] % n):
+        if n > 1 and (p.ndim != 2 or p.shape[0] % n):
             raise ValueError(f"{owner}: row_blocks[{i}]={n} does not split a parameter of shape "
-                             f"{tuple(p.shape)} into equal row blocks")
+                             f"{tuple(p.shape)} into equal row blocks (a matrix is needed)")
 
 
 def _blocks_of(group: dict[str, Any]) -> list[int]:
@@ -79,6 +86,126 @@ def _grad(p: Tensor, owner: str) -> Tensor:
     return p.grad
 
 
+# ------------------------------------------------------------------- sharded parameters
+def _dtensor_class():
+    """`DTensor`, or None while torch.distributed.tensor is not imported (then none can exist;
+    importing it here would cost every single-process run 0.4 s)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return None if mod is None else mod.DTensor
+
+
+def _local(x: Tensor) -> Tensor:
+    """This process's part of a DTensor; a plain tensor itself."""
+    cls = _dtensor_class()
+    return x.to_local() if cls is not None and isinstance(x, cls) else x
+
+
+class _Shard:
+    """Where a parameter's local tensor lies in the whole: rows [offset, offset + rows) of dim 0;
+    the other processes of `group` hold the other rows (group None: the local tensor is whole).
+
+    FSDP2 (`fully_shard`) shards dim 0 as `torch.chunk` does (torch/distributed/fsdp/
+    _fully_shard/_fsdp_param.py): rank i of k holds rows [i c, min((i + 1) c, rows)), c = ceil(rows / k),
+    so the last ranks may hold fewer rows, or none.
+    """
+
+    __slots__ = ("local", "offset", "rows", "group")
+
+    def __init__(self, p: Tensor, owner: str):
+        self.local = local = _local(p)
+        self.offset, self.rows, self.group = 0, (local.shape[0] if local.ndim else 1), None
+        if local is p:
+            return
+        from torch.distributed.tensor import Replicate, Shard
+
+        mesh, placements = p.device_mesh, p.placements
+        sharded = [d for d, pl in enumerate(placements) if not isinstance(pl, Replicate)]
+        if not sharded:
+            return  # replicated: every process holds the whole parameter
+        if len(sharded) > 1 or placements[sharded[0]] != Shard(0):
+            raise NotImplementedError(f"{owner}: a parameter of shape {tuple(p.shape)} is sharded as "
+                                      f"{placements}; only dim-0 shards (FSDP2's Shard(0)) are supported")
+        dim = sharded[0]
+        k, i, total = mesh.size(dim), mesh.get_local_rank(dim), p.shape[0]
+        chunk = -(-total // k)
+        self.offset = min(i * chunk, total)
+        self.group = mesh.get_group(dim)
+        if self.rows != max(0, min(chunk, total - self.offset)):
+            raise NotImplementedError(f"{owner}: rank {i} of {k} holds {self.rows} of {total} rows, not "
+                                      f"torch.chunk's share; this sharding is not supported")
+
+    def segments(self, total_rows: int, n: int) -> list[tuple[int, int, int]]:
+        """(block, start, stop): the local rows of each of the n equal row blocks of a
+        `total_rows`-row parameter that this shard holds (a shard boundary may cut a block)."""
+        size = total_rows // n
+        out = []
+        for b in range(n):
+            lo, hi = max(b * size, self.offset), min((b + 1) * size, self.offset + self.rows)
+            if lo < hi:
+                out.append((b, lo - self.offset, hi - self.offset))
+        return out
+
+    def runs(self, total_rows: int, n: int) -> list[tuple[int, int, int, int]]:
+        """(first block, blocks, start, stop): `segments` with consecutive whole blocks merged, so
+        that a whole parameter is one run of n blocks, viewed (n, rows / n, ...)."""
+        size = total_rows // n
+        out: list[list] = []
+        for b, lo, hi in self.segments(total_rows, n):
+            if out and hi - lo == size and out[-1][3] - out[-1][2] == out[-1][1] * size and out[-1][3] == lo:
+                out[-1][1], out[-1][3] = out[-1][1] + 1, hi
+            else:
+                out.append([b, 1, lo, hi])
+        return [tuple(r) for r in out]
+
+
+def _new_state(p: Tensor, local_shape: tuple[int, ...], global_shape: tuple[int, ...], dtype: torch.dtype,
+               sharded: bool) -> Tensor:
+    """Zeros for optimizer state: plain for a plain p; for a DTensor p a DTensor on its mesh,
+    sharded on dim 0 like p (`sharded`) or replicated, so checkpoints (DCP) can reshard it."""
+    local = torch.zeros(local_shape, dtype=dtype, device=_local(p).device)
+    if _local(p) is p:
+        return local
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not sharded:
+        return DTensor.from_local(local, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+    stride = torch.empty(global_shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=torch.Size(global_shape), stride=stride)
+
+
+class _Partials:
+    """Partial sums over this process's shards, completed across the shard groups in one go.
+
+    Optimizers `add` each tensor of local sums (of squares, of rows) with the process group its
+    parameter is sharded over; `reduce` then sums all of them with one all_reduce per (group,
+    dtype, device), in place. Sums of whole (unsharded) parameters come with group None and are
+    complete already, so in one process `reduce` does nothing.
+    """
+
+    def __init__(self):
+        self._pending: dict[tuple, list[Tensor]] = {}
+
+    def add(self, t: Tensor, group) -> Tensor:
+        if group is not None:
+            self._pending.setdefault((group, t.dtype, t.device), []).append(t)
+        return t
+
+    def reduce(self) -> None:
+        import torch.distributed as dist
+
+        for (group, _, _), ts in self._pending.items():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            torch._foreach_copy_(ts, [x.view_as(t) for x, t in zip(flat.split([t.numel() for t in ts]), ts)])
+        self._pending.clear()
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    # sums of squares in fp32 at least: a bf16 rms would put a 0.4% error on every step
+    return torch.float32 if dtype in _HALF else dtype
+
+
 # ------------------------------------------------------------------------ AdamWScale
 class AdamWScale(torch.optim.Optimizer):
     """AdamW with each matrix's step scaled by its RMS (nanoT5's optimizer).
@@ -92,6 +219,10 @@ class AdamWScale(torch.optim.Optimizer):
     (plain HF-style AdamW). `fused=None` uses torch's fused AdamW kernel (CPU, CUDA) for
     tensors of >= 64Ki elements and foreach ops for the rest; `fused=True` or `False` forces
     one. Both are exact and never sync with the host.
+
+    FSDP2 shards (DTensors on dim 0): each process updates its rows; ||p||^2 of every logical
+    matrix is summed from the shards' partial sums with one all_reduce per step for all
+    parameters (`_Partials`). The moments are DTensors sharded like p.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -133,14 +264,19 @@ class AdamWScale(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        # two passes: local sums of squares of every group, one reduction, then the updates
+        partials = _Partials()
+        work = [self._prepare(group, partials) for group in self.param_groups]
+        partials.reduce()
+        for group, buckets in zip(self.param_groups, work):
+            self._update(group, buckets)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _prepare(self, group: dict[str, Any], partials: _Partials) -> dict[tuple, dict[str, list]]:
+        """Local tensors per (device, dtype, fused, shard group) bucket, one entry per piece of a
+        logical matrix held here, and the pieces' sums of squares (added to `partials`)."""
         lr = _check_lr(group["lr"], "AdamWScale")
         beta1, beta2 = group["betas"]
-        # Tensors per (device, dtype, fused) bucket, one entry per logical matrix.
         buckets: dict[tuple, dict[str, list]] = {}
         for p, n in zip(group["params"], _blocks_of(group)):
             if p.grad is None:
@@ -154,36 +290,56 @@ class AdamWScale(torch.optim.Optimizer):
             state["step"] += 1
             t = state["step"]
             coef = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)  # bias-corrected lr
-            b = buckets.setdefault((p.device, p.dtype, self._use_fused(p)),
-                                   dict(params=[], p=[], g=[], m=[], v=[], coef=[]))
-            b["params"].append(p)
-            for views in zip(*(x.chunk(n) if n > 1 else (x,)
-                               for x in (p, grad, state["exp_avg"], state["exp_avg_sq"]))):
-                for key, x in zip("pgmv", views):
-                    b[key].append(x)
-                b["coef"].append(coef)
-        for (device, dtype, fused), b in buckets.items():
-            steps = self._step_sizes(b["p"], b["coef"], group["scale_parameter"], dtype)
-            if fused:
-                self._fused_update(b, steps, beta1, beta2, group["eps"], device)
-            else:
-                self._foreach_update(b, steps, beta1, beta2, group["eps"])
+            shard = _Shard(p, "AdamWScale")
+            local = shard.local
+            b = buckets.setdefault((local.device, local.dtype, self._use_fused(local), shard.group),
+                                   dict(params=[], p=[], g=[], m=[], v=[], seg=[], blocks=[]))
+            b["params"].append(local)
+            xs = [local, _local(grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"])]
+            block_numel = p.numel() // n
+            first = len(b["blocks"])
+            b["blocks"] += [(None, coef, block_numel)] * n  # (piece index here, coef, numel of the whole block)
+            for blk, lo, hi in (shard.segments(p.shape[0], n) if p.ndim else [(0, 0, 1)]):
+                for key, x in zip("pgmv", xs):
+                    b[key].append(x[lo:hi] if x.ndim and (lo, hi) != (0, x.shape[0]) else x)
+                b["seg"].append(first + blk)
+                b["blocks"][first + blk] = (len(b["p"]) - 1, coef, block_numel)
+        if group["scale_parameter"]:
+            for (device, dtype, _, shard_group), b in buckets.items():
+                # (blocks,) sums of squares: this process's pieces, zero for blocks held elsewhere
+                norms = torch._foreach_norm(b["p"], 2, dtype=torch.float32 if dtype in _HALF else None) \
+                    if b["p"] else []
+                zero = torch.zeros((), dtype=_sum_dtype(dtype), device=device)
+                b["sumsq"] = partials.add(torch.stack(
+                    [zero if i is None else norms[i] for i, _, _ in b["blocks"]]).square_(), shard_group)
+        return buckets
+
+    def _update(self, group: dict[str, Any], buckets: dict[tuple, dict[str, list]]) -> None:
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        for (device, dtype, fused, _), b in buckets.items():
+            steps = self._step_sizes(b, group["scale_parameter"])
+            if b["p"]:
+                if fused:
+                    self._fused_update(b, steps, beta1, beta2, group["eps"], device)
+                else:
+                    self._foreach_update(b, steps, beta1, beta2, group["eps"])
             if group["weight_decay"] > 0.0:
                 # after the update, with the unscaled lr, as nanoT5 (p + p * (-lr wd) keeps the
                 # decay exact in fp32, where p * (1 - lr wd) rounds 1 - lr wd)
                 torch._foreach_add_(b["params"], b["params"], alpha=-lr * group["weight_decay"])
 
     @staticmethod
-    def _step_sizes(ps: list[Tensor], coefs: list[float], scale: bool, dtype: torch.dtype) -> list:
-        """Per matrix: coef * max(1e-3, rms(p)) as 0-d device tensors (or the floats if not scaled)."""
+    def _step_sizes(b: dict[str, list], scale: bool) -> list:
+        """Per piece: coef * max(1e-3, rms(its whole matrix)) as 0-d device tensors (or the
+        floats if not scaled); b["sumsq"] holds the matrices' complete sums of squares."""
         if not scale:
-            return list(coefs)
-        # (B,) norms in fp32 at least: a bf16 rms would put a 0.4% error on every step
-        norms = torch._foreach_norm(ps, 2, dtype=torch.float32 if dtype in _HALF else None)
-        torch._foreach_div_(norms, [math.sqrt(p.numel()) for p in ps])  # rms
-        torch._foreach_clamp_min_(norms, 1e-3)  # max(1e-3, rms) without reading rms on the host
-        torch._foreach_mul_(norms, coefs)
-        return norms
+            return [b["blocks"][k][1] for k in b["seg"]]
+        rms = torch._foreach_sqrt(list(b["sumsq"].unbind()))  # a 0-d norm per block, each its own tensor
+        torch._foreach_div_(rms, [math.sqrt(numel) for _, _, numel in b["blocks"]])
+        torch._foreach_clamp_min_(rms, 1e-3)  # max(1e-3, rms) without reading rms on the host
+        torch._foreach_mul_(rms, [coef for _, coef, _ in b["blocks"]])
+        return [rms[k] for k in b["seg"]]
 
     def _fused_update(self, b: dict[str, list], steps: list, beta1: float, beta2: float,
                       eps: float, device: torch.device) -> None:
@@ -238,6 +394,15 @@ class Adafactor(torch.optim.Optimizer):
         p -= weight_decay * step * p;  p -= u
     Tensors with more than two dims are factored over their last two, as in HF. fp16/bf16
     parameters are updated in fp32 and written back, as in HF.
+
+    Everything global is a sum over rows, so a step first takes, per matrix, the local sums
+        sum_i g_ij^2 (for C),  sum_i R_i (for mean(R)),  sum_i g_ij^2 / R_i,  sum p^2
+    and, as sum(u^2) = mean(R) sum_j (sum_i g_ij^2 / R_i) / C_j, rms(u) needs no second pass.
+    On FSDP2 shards (DTensors, rows on dim 0; R is local there) these sums are completed with one
+    all_reduce per step for all parameters (`_Partials`); R and V are sharded like p, C replicated.
+    The per-matrix scalars (step, clipping) of all parameters are then computed together with
+    foreach ops, and each matrix is updated with one pass: p -= g_ij rsqrt(C_j) rsqrt(R_i) k,
+    k = sqrt(mean(R)) step / max(1, rms(u) / clip).
     """
 
     def __init__(self, params: Iterable, lr: float, eps: tuple[float, float] = (1e-30, 1e-3),
@@ -266,91 +431,183 @@ class Adafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # statistics and local sums per parameter; one reduction; every block's step size and
+        # update scale at once (foreach); the updates per parameter
+        partials = _Partials()
+        work = []
         for group in self.param_groups:
             lr = _check_lr(group["lr"], "Adafactor")
             for p, n in zip(group["params"], _blocks_of(group)):
                 if p.grad is not None:
-                    self._update(p, n, group, lr)
+                    work.append(self._prepare(p, n, group, lr, partials))
+        if work:
+            w_sq = [w["w_sq"] for w in work]
+            torch._foreach_mul_(w_sq, w_sq)  # norms -> sums of squares, before they are summed
+            partials.reduce()
+            self._scales(work)
+        for w in work:
+            self._update(w)
         return loss
 
-    def _update(self, p: Tensor, n: int, group: dict[str, Any], lr: float) -> None:
+    def _prepare(self, p: Tensor, n: int, group: dict[str, Any], lr: float, partials: _Partials) -> dict:
+        """Update the local second-moment statistics (R, or V); return the local sums, per block."""
         grad = _grad(p, "Adafactor")
-        g = grad.float() if grad.dtype in _HALF else grad
-        w = p.float() if p.dtype in _HALF else p  # fp32 working copy of a half parameter
-        factored = p.ndim >= 2
+        shard = _Shard(p, "Adafactor")
+        if shard.group is not None and p.ndim > 2:
+            raise NotImplementedError(f"Adafactor: sharded parameters must be matrices or vectors, got "
+                                      f"shape {tuple(p.shape)}")
+        g = _local(grad)
+        g = g.float() if g.dtype in _HALF else g
+        dtype, factored = g.dtype, p.ndim >= 2
         state = self.state[p]
         if not state:
             state["step"] = 0  # host int, as HF: b2t is computed on the host, no sync
             if factored:  # (n, C) column statistics when the matrix holds n row blocks
                 col_shape = (n, p.shape[-1]) if n > 1 else p.shape[:-2] + p.shape[-1:]
-                state["exp_avg_sq_row"] = g.new_zeros(p.shape[:-1])
-                state["exp_avg_sq_col"] = g.new_zeros(col_shape)
+                state["exp_avg_sq_row"] = _new_state(p, g.shape[:-1], p.shape[:-1], dtype, sharded=True)
+                state["exp_avg_sq_col"] = _new_state(p, col_shape, col_shape, dtype, sharded=False)
             else:
-                state["exp_avg_sq"] = torch.zeros_like(g)
+                state["exp_avg_sq"] = _new_state(p, g.shape, p.shape, dtype, sharded=True)
             if group["beta1"] is not None:
-                state["exp_avg"] = torch.zeros_like(g)
+                state["exp_avg"] = _new_state(p, g.shape, p.shape, dtype, sharded=True)
         state["step"] += 1
         beta2t = 1.0 - state["step"] ** group["decay_rate"]
-        eps1, eps2 = group["eps"]
-
-        # View a fused matrix (n*R, C) as n matrices (n, R, C); block statistics broadcast as (n, 1, 1).
-        blocked = (lambda x: x.unflatten(0, (n, -1))) if n > 1 else (lambda x: x)
-        g, w = blocked(g), blocked(w)
-        step = lr
-        if group["scale_parameter"]:
-            step = _block_rms(w, n).clamp_min_(eps2).mul_(lr)  # max(eps2, rms(p)) * lr, on device
-
-        if factored:
-            row, col = blocked(state["exp_avg_sq_row"]), state["exp_avg_sq_col"]
-            sq = g * g  # mean(g^2 + eps1) = mean(g^2) + eps1, added to the (R,) and (C,) means only
-            row.mul_(beta2t).add_(sq.mean(dim=-1).add_(eps1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(sq.mean(dim=-2).add_(eps1), alpha=1.0 - beta2t)
-            del sq
-            # u = g * r_i * c_j, r = rsqrt(row / mean(row)), c = rsqrt(col) (Shazeer & Stern, sec. 3)
-            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()  # (..., R)
-            gc = g * col.rsqrt().unsqueeze(-2)  # (..., R, C)
-            # sum(u^2) = sum_i r_i^2 ||gc_i||^2, so rms(u) needs no u
-            u_sq = (torch.linalg.vector_norm(gc, dim=-1) * r).square_()  # (..., R)
-            u_rms = _block_sum(u_sq, n).div_(g[0].numel() if n > 1 else g.numel()).sqrt_()
-            scale = (u_rms / group["clip_threshold"]).clamp_min_(1.0).reciprocal_().mul_(step)
-            row_scale = r.unsqueeze(-1) * scale  # (..., R, 1): r_i * step / clip
-            update = None if group["beta1"] is None else gc * row_scale
-        else:
-            v = state["exp_avg_sq"]
+        eps1 = group["eps"][0]
+        w = shard.local
+        work = dict(p=p, group=group, lr=lr, n=n, beta2t=beta2t, numel=p.numel() // n, factored=factored)
+        if not factored:
+            v = _local(state["exp_avg_sq"])
             v.mul_(beta2t).add_(g * g + eps1, alpha=1.0 - beta2t)
-            update = v.rsqrt().mul_(g)
-            clip = (_block_rms(update, 1) / group["clip_threshold"]).clamp_min_(1.0)
-            update.div_(clip).mul_(step)
+            work["u_sq"] = partials.add((g * g).div_(v).sum().reshape(1), shard.group)  # sum(u^2), u = g / sqrt(V)
+            work["w_sq"] = partials.add(torch.linalg.vector_norm(w, dtype=dtype).reshape(1), shard.group)
+            return work
+        # per block b: sums over its rows of g^2 (n, ..., C), of g^2 / R (n, ..., C), of R (n, ...), ||p||
+        rows, batch, cols = p.shape[-2], p.shape[:-2], p.shape[-1]
+        runs = shard.runs(rows, n) if p.ndim == 2 else [(0, 1, 0, rows)]
+        row = _local(state["exp_avg_sq_row"])
+        parts = []  # per run: the sums of its blocks
+        for b0, nb, lo, hi in runs:
+            gs, r, ws = (_blocks(x, nb, lo, hi, p.ndim) for x in (g, row, w))  # (nb, ..., rows, C), ...
+            sq = gs * gs  # mean(g^2 + eps1) = mean(g^2) + eps1, added to the (R,) and (C,) means only
+            r.mul_(beta2t).add_(sq.mean(dim=-1).add_(eps1), alpha=1.0 - beta2t)
+            parts.append((b0, nb, sq.sum(dim=-2), torch.matmul(r.reciprocal().unsqueeze(-2), sq).squeeze(-2),
+                          r.sum(dim=-1), torch.linalg.vector_norm(ws.reshape(nb, -1), dim=1, dtype=dtype)))
+            del sq
+        # a shard holds consecutive blocks: those before and after it add zeros here (their sums
+        # come from the processes that hold them)
+        first, end = (parts[0][0], parts[-1][0] + parts[-1][1]) if parts else (0, 0)
+        for k, (key, tail) in enumerate(zip(("col_sum", "ratio", "row_sum", "w_sq"),
+                                            ((*batch, cols), (*batch, cols), batch, ())), start=2):
+            pieces = [part[k] for part in parts]
+            if first > 0:
+                pieces.insert(0, g.new_zeros((first, *tail)))
+            if end < n:
+                pieces.append(g.new_zeros((n - end, *tail)))
+            work[key] = partials.add(pieces[0] if len(pieces) == 1 else torch.cat(pieces), shard.group)
+        col = state["exp_avg_sq_col"]
+        work.update(runs=runs, rows=rows // n, col=_local(col).view(n, *col.shape[-(p.ndim - 1):]))
+        return work
 
-        if group["beta1"] is not None:
-            m = blocked(state["exp_avg"])
-            m.mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
-            update = m
-        if group["weight_decay"] > 0.0:
-            if isinstance(step, Tensor):
-                w.addcmul_(w, step * -group["weight_decay"])  # w - wd * step * w
-            else:
-                w.add_(w, alpha=-group["weight_decay"] * step)
-        if update is None:
-            w.addcmul_(gc, row_scale, value=-1.0)  # w -= g * c_j * r_i * step / clip
+    @staticmethod
+    def _scales(work: list[dict]) -> None:
+        """For every block of every parameter, from the completed sums, with foreach ops:
+        C = b2t C + (1 - b2t) (mean(g^2) + eps1), step = lr max(eps2, rms(p)) (or lr), and
+        scale = step / max(1, rms(u) / clip); for matrices k = sqrt(mean(R)) * scale, so that
+        the update is g_ij * rsqrt(C_j) * rsqrt(R_i) * k."""
+        fact = [w for w in work if w["factored"]]
+        if fact:
+            cols, sums = [w["col"] for w in fact], [w["col_sum"] for w in fact]
+            torch._foreach_div_(sums, [float(w["rows"]) for w in fact])  # means over each block's rows
+            torch._foreach_add_(sums, [w["group"]["eps"][0] for w in fact])
+            torch._foreach_mul_(sums, [1.0 - w["beta2t"] for w in fact])
+            torch._foreach_mul_(cols, [w["beta2t"] for w in fact])
+            torch._foreach_add_(cols, sums)
+            row_means = [w["row_sum"] for w in fact]
+            torch._foreach_div_(row_means, [float(w["rows"]) for w in fact])
+            torch._foreach_div_([w["ratio"] for w in fact], cols)
+            for w in fact:  # sum(u^2) = mean(R) sum_j (sum_i g_ij^2 / R_i) / C_j, per block
+                u_sq = w["ratio"].sum(dim=-1).mul_(w["row_sum"])  # (n, ...)
+                w["u_sq"] = u_sq if u_sq.ndim == 1 else u_sq.reshape(w["n"], -1).sum(dim=1)
+        scales = [w["u_sq"] for w in work]  # (n,) each: becomes step / max(1, rms(u) / clip)
+        torch._foreach_div_(scales, [float(w["numel"]) for w in work])
+        torch._foreach_sqrt_(scales)
+        torch._foreach_div_(scales, [w["group"]["clip_threshold"] for w in work])
+        torch._foreach_clamp_min_(scales, 1.0)
+        torch._foreach_reciprocal_(scales)
+        scaled = [w for w in work if w["group"]["scale_parameter"]]
+        steps = [w["w_sq"] for w in scaled]  # (n,) each: becomes lr * max(eps2, rms(p)), on the device
+        if scaled:
+            torch._foreach_div_(steps, [float(w["numel"]) for w in scaled])
+            torch._foreach_sqrt_(steps)
+            torch._foreach_clamp_min_(steps, [w["group"]["eps"][1] for w in scaled])
+            torch._foreach_mul_(steps, [w["lr"] for w in scaled])
+            torch._foreach_mul_([w["u_sq"] for w in scaled], steps)
+        plain = [w for w in work if not w["group"]["scale_parameter"]]
+        if plain:
+            torch._foreach_mul_([w["u_sq"] for w in plain], [w["lr"] for w in plain])
+        for w in work:
+            w["step"], w["scale"] = (w["w_sq"] if w["group"]["scale_parameter"] else w["lr"]), w["u_sq"]
+        if fact:
+            ks = [w["row_sum"] for w in fact]
+            torch._foreach_sqrt_(ks)
+            torch._foreach_mul_(ks, [w["scale"].view(w["scale"].shape + (1,) * (k.ndim - 1))
+                                     for w, k in zip(fact, ks)])
+            for w in fact:
+                w["k"] = w["row_sum"]
+
+    def _update(self, work: dict) -> None:
+        """Apply the update to the local rows."""
+        p, group, n = work["p"], work["group"], work["n"]
+        state = self.state[p]
+        g = _local(p.grad)
+        g = g.float() if g.dtype in _HALF else g
+        local = _local(p)
+        w = local.float() if local.dtype in _HALF else local  # fp32 working copy of a half parameter
+        wd, beta1, step = group["weight_decay"], group["beta1"], work["step"]
+        decay = None if wd == 0.0 else (-wd * step if isinstance(step, float) else step * -wd)  # (n,) or float
+        m = None if beta1 is None else _local(state["exp_avg"])
+        if work["factored"]:
+            row = _local(state["exp_avg_sq_row"])
+            c = work["col"].rsqrt().unsqueeze(-2)  # (n, ..., 1, C)
+            k = work["k"].view(*work["k"].shape, 1, 1)  # (n, ..., 1, 1)
+            if isinstance(decay, Tensor):
+                decay = decay.view(n, *(1,) * p.ndim)  # (n, 1, ..., 1), like the blocked views
+            for b0, nb, lo, hi in work["runs"]:
+                ws, gs, rs = (_blocks(x, nb, lo, hi, p.ndim) for x in (w, g, row))
+                blocks = slice(b0, b0 + nb)
+                # u = g * r_i * c_j, r = rsqrt(R / mean(R)), c = rsqrt(C) (Shazeer & Stern, sec. 3)
+                r = rs.rsqrt().unsqueeze(-1).mul_(k[blocks])  # (nb, ..., rows, 1): r_i step / max(1, rms(u) / clip)
+                gc = gs * c[blocks]  # (nb, ..., rows, C)
+                if isinstance(decay, float):  # w -= wd * step * w
+                    ws.add_(ws, alpha=decay)
+                elif decay is not None:
+                    ws.addcmul_(ws, decay[blocks])
+                if m is None:
+                    ws.addcmul_(gc, r, value=-1.0)
+                else:
+                    ms = _blocks(m, nb, lo, hi, p.ndim)
+                    ms.mul_(beta1).add_(gc.mul_(r), alpha=1.0 - beta1)
+                    ws.sub_(ms)
         else:
+            update = _local(state["exp_avg_sq"]).rsqrt().mul_(g).mul_(work["scale"].view(()))
+            if m is not None:
+                update = m.mul_(beta1).add_(update, alpha=1.0 - beta1)
+            if isinstance(decay, float):
+                w.add_(w, alpha=decay)
+            elif decay is not None:
+                w.addcmul_(w, decay.view(()))
             w.sub_(update)
-        if p.dtype in _HALF:
-            p.copy_(w.view_as(p))
+        if local.dtype in _HALF:
+            local.copy_(w)
 
 
-def _block_rms(x: Tensor, n: int) -> Tensor:
-    """RMS of x (0-d), or of each block of a blocked (n, R, C) x, shaped (n, 1, 1)."""
-    if n == 1:
-        return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
-    return torch.linalg.vector_norm(x.flatten(1), dim=1).div_(math.sqrt(x[0].numel())).view(n, 1, 1)
-
-
-def _block_sum(x: Tensor, n: int) -> Tensor:
-    """Sum of x (0-d), or of each of its n leading blocks, shaped (n, 1, 1)."""
-    if n == 1:
-        return x.sum()
-    return x.flatten(1).sum(dim=1).view(n, 1, 1)
+def _blocks(x: Tensor, nb: int, lo: int, hi: int, ndim: int) -> Tensor:
+    """Local rows [lo, hi) of a matrix-shaped x (a parameter, its gradient or row statistics) as
+    nb row blocks: (nb, rows, ...); a tensor with more than 2 dims (one block) as (1, ...)."""
+    if ndim > 2:
+        return x.unsqueeze(0)
+    part = x if (lo, hi) == (0, x.shape[0]) else x[lo:hi]
+    return part.view(nb, (hi - lo) // nb, *x.shape[1:])
 
 
 # ------------------------------------------------------------------------ groups

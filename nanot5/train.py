@@ -142,11 +142,6 @@ def setup(cfg: Config) -> Run:
         if strategy == "fsdp" and cfg.eval.generate:
             raise ConfigError("eval.generate=true needs whole weights on one rank: not with distributed.strategy=fsdp;"
                               " generate after training with `nanot5 predict model=RUN_DIR`")
-        if strategy == "fsdp" and cfg.optim.name != "adamw":
-            # AdamWScale's per-matrix RMS and Adafactor's row/column statistics need whole matrices;
-            # on FSDP shards they need extra collectives, which are not written yet
-            raise ConfigError(f"distributed.strategy=fsdp supports optim.name=adamw only (got {cfg.optim.name}); "
-                              "use distributed.strategy=ddp for adamwscale/adafactor")
         train_model = distributed.wrap_model(model, strategy, env, cfg.precision) if env.enabled else model
         optimizer = build_optimizer(cfg.optim.name, param_groups(model, cfg.optim.weight_decay),
                                     lr=cfg.optim.base_lr, weight_decay=cfg.optim.weight_decay)

@@ -1,10 +1,12 @@
-"""torchrun on CPU with gloo: DDP/FSDP equal one process, resume across world sizes, failures end the job."""
+"""torchrun on CPU with gloo: DDP and FSDP (AdamWScale, Adafactor, AdamW) equal one process, the optimizers on
+FSDP2 shards, two torchrun agents (multi-node), resume across world sizes, failures end the job."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanot5.optim import Adafactor, AdamWScale
 from nanot5.tracking import read_metrics
 from tests.test_train import REPO, tiny_args
 
@@ -27,9 +30,13 @@ def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.Co
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run(nproc: int, test_data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = tiny_args(test_data, run_dir, "optim.batch_size=8", "data.num_readers=2", "data.num_workers=0",
+def cli_args(test_data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return tiny_args(test_data, run_dir, "optim.batch_size=8", "data.num_readers=2", "data.num_workers=0",
                      "eval.every_steps=1000", *extra)
+
+
+def run(nproc: int, test_data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = cli_args(test_data, run_dir, *extra)
     res = torchrun(nproc, args) if nproc > 1 else subprocess.run(
         [sys.executable, "-m", "nanot5", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -47,17 +54,66 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: fl
         assert ((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() <= tol, k
 
 
-@pytest.mark.parametrize("strategy,grad_acc", [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)])
-def test_two_processes_equal_one(test_data, tmp_path, strategy, grad_acc):
-    # FSDP runs torch's AdamW (AdamWScale/Adafactor need whole matrices: DDP only for now)
-    common = ["optim.total_steps=3", "checkpoint.every_steps=1000", f"optim.grad_acc={grad_acc}",
-              f"optim.name={'adamwscale' if strategy == 'ddp' else 'adamw'}", "optim.base_lr=1e-3"]
-    run(1, test_data, tmp_path / "one", *common)
-    run(2, test_data, tmp_path / "two", *common, f"distributed.strategy={strategy}")
-    assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
-    one = [e["loss"] for e in read_metrics(tmp_path / "one" / "metrics.jsonl") if e["kind"] == "train"]
-    two = [e["loss"] for e in read_metrics(tmp_path / "two" / "metrics.jsonl") if e["kind"] == "train"]
-    assert two == pytest.approx(one, rel=1e-5)
+def train_losses(run_dir: Path) -> list[float]:
+    return [e["loss"] for e in read_metrics(run_dir / "metrics.jsonl") if e["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def cached_run(test_data, tmp_path_factory):
+    """run(nproc, *args) once per module: the 1-process references serve every strategy."""
+    done: dict[tuple, Path] = {}
+
+    def get(nproc: int, *args: str) -> Path:
+        if (nproc, args) not in done:
+            run_dir = tmp_path_factory.mktemp(f"run{nproc}")
+            run(nproc, test_data, run_dir, *args)
+            done[nproc, args] = run_dir
+        return done[nproc, args]
+
+    return get
+
+
+def equal_one_args(optim: str, grad_acc: int) -> tuple[str, ...]:
+    return ("optim.total_steps=3", "checkpoint.every_steps=1000", f"optim.grad_acc={grad_acc}",
+            f"optim.name={optim}", "optim.base_lr=1e-3")
+
+
+@pytest.mark.parametrize("strategy,optim,grad_acc", [
+    ("ddp", "adamwscale", 1), ("ddp", "adamwscale", 2), ("fsdp", "adamwscale", 1), ("fsdp", "adamwscale", 2),
+    ("fsdp", "adafactor", 1), ("fsdp", "adafactor", 2), ("fsdp", "adamw", 1)])
+def test_two_processes_equal_one(cached_run, strategy, optim, grad_acc):
+    # the same global batch; under FSDP the optimizers see row shards of every matrix
+    one = cached_run(1, *equal_one_args(optim, grad_acc))
+    two = cached_run(2, *equal_one_args(optim, grad_acc), f"distributed.strategy={strategy}")
+    assert_close(weights(two), weights(one))
+    assert train_losses(two) == pytest.approx(train_losses(one), rel=1e-5)
+
+
+def test_two_torchrun_agents_equal_one_agent(test_data, tmp_path, cached_run):
+    """Multi-node: two torchrun agents (--nnodes=2, one process each) meet at a c10d rendezvous on
+    the loopback interface and train as the single-node 2-process run does."""
+    args = (*equal_one_args("adamwscale", 1), "distributed.strategy=fsdp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cli = cli_args(test_data, tmp_path / "run", *args)
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=nanot5-{port}",
+         f"--rdzv_conf=is_host={int(host)}", "-m", "nanot5", *cli],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for host in (True, False)]
+    try:
+        outs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    single_node = cached_run(2, *args)
+    assert_close(weights(tmp_path / "run"), weights(single_node))
+    assert train_losses(tmp_path / "run") == pytest.approx(train_losses(single_node), rel=1e-5)
 
 
 def test_ddp_resume_with_two_and_with_one_process(test_data, tmp_path):
@@ -106,3 +162,103 @@ def test_a_dead_rank_ends_the_job_quickly(test_data, tmp_path):
     assert time.time() - killed < 60
     assert proc.returncode != 0
     assert "Signal 9" in out or "SIGKILL" in out or "exitcode" in out, out[-3000:]
+
+
+# ----------------------------------------------- optimizers on FSDP2 shards (2 spawned processes)
+SHARD_CASES = {  # name -> (optimizer factory, all_reduce calls expected per step)
+    "adamwscale": (lambda g: AdamWScale(g, lr=1e-2, weight_decay=0.1), 1),
+    "adamwscale-foreach": (lambda g: AdamWScale(g, lr=1e-2, fused=False), 1),
+    "adamwscale-unscaled": (lambda g: AdamWScale(g, lr=1e-2, scale_parameter=False), 0),
+    "adafactor": (lambda g: Adafactor(g, lr=1e-2, weight_decay=0.1), 1),
+    "adafactor-momentum": (lambda g: Adafactor(g, lr=1e-2, beta1=0.9, scale_parameter=False), 1),
+}
+
+
+def _sharded_toy() -> torch.nn.Module:
+    """Parameters whose dim-0 shards over 2 processes are uneven, cut row blocks, or are empty."""
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    shapes = {"qkv": (3 * 5, 4),  # 3 blocks of 5 rows; shards of 8 + 7 rows cut block 1
+              "wi": (2 * 3, 5),  # 2 blocks; the shard boundary is the block boundary
+              "big": (257, 512),  # the fused kernel on both shards (>= 64Ki elements each)
+              "odd": (7, 3), "one_row": (1, 6),  # the second process holds 0 rows of one_row
+              "norm": (5,), "one": (1,)}
+    for name, shape in shapes.items():
+        m.register_parameter(name, torch.nn.Parameter(torch.randn(shape) * 0.3 + (1.0 if len(shape) == 1 else 0)))
+    return m
+
+
+def _groups(m):
+    named = dict(m.named_parameters())
+    mats = ["qkv", "wi", "big", "odd", "one_row"]
+    return [dict(params=[named[n] for n in mats], row_blocks=[3, 2, 1, 1, 1], weight_decay=0.1),
+            dict(params=[named["norm"], named["one"]], weight_decay=0.0)]
+
+
+def _sharded_worker(rank: int, world: int, init_file: str, ckpt: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from nanot5 import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = []
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):  # counts, then does the real collective
+        calls.append(1)
+        return all_reduce(*args, **kwargs)
+
+    def train(model, opt, grads):
+        for gs in grads:
+            for p, g in zip(model.parameters(), gs):
+                p.grad = distribute_tensor(g, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else g
+            calls.clear()
+            dist.all_reduce = counting_all_reduce
+            try:
+                opt.step()
+            finally:
+                dist.all_reduce = all_reduce
+            yield len(calls)
+
+    def sharded():
+        m = _sharded_toy()
+        fully_shard(m)
+        return m
+
+    try:
+        for name, (make, expected_calls) in SHARD_CASES.items():
+            ref = _sharded_toy()
+            gen = torch.Generator().manual_seed(1)
+            grads = [[torch.randn(p.shape, generator=gen) * (0.5 + 2 * (t % 3)) for p in ref.parameters()]
+                     for t in range(6)]
+            list(train(ref, make(_groups(ref)), grads))
+
+            # 3 steps, a full-state checkpoint, a fresh sharded model and optimizer, 3 more steps
+            model = sharded()
+            opt = make(_groups(model))
+            assert list(train(model, opt, grads[:3])) == [expected_calls] * 3, name
+            model_state, optim_state = distributed.full_state_dicts(model, opt, "fsdp")
+            if rank == 0:
+                torch.save({"model": model_state, "optim": optim_state}, ckpt)
+            dist.barrier()
+            saved = torch.load(ckpt, weights_only=True)
+            model = sharded()
+            opt = make(_groups(model))
+            distributed.load_full_state_dicts(model, opt, saved["model"], saved["optim"], "fsdp")
+            assert list(train(model, opt, grads[3:])) == [expected_calls] * 3, name
+            for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+                full = p.full_tensor()
+                err = ((full - q).norm() / q.norm()).item()
+                assert err <= 1e-6, f"{name}: {n} differs from one process by {err:.2e}"
+                assert not torch.equal(full, _sharded_toy().get_parameter(n)), f"{name}: {n} never moved"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_optimizers_on_fsdp_shards_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt.pt")), nprocs=2)
