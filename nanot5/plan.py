@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from nanot5.config import Config, ConfigError, load_config
 
 GB = 1e9
-_HALF = ("bf16", "fp16")
+_HALF_PRECISIONS = ("bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def memory_plan(cfg: Config, world_size: int = 1, strategy: str | None = None,
     mc = model.config
     V, C = mc.vocab_size, mc.d_model
     fsdp = strategy == "fsdp"
-    half = cfg.precision in _HALF
+    half = cfg.precision in _HALF_PRECISIONS
     c = 2 if half else 4  # bytes of the compute dtype
     casts = half and not fsdp  # autocast's copies of fp32 weights (FSDP2 gathers bf16 weights instead)
     W = world_size if fsdp else 1
@@ -342,8 +342,8 @@ def plan_main(argv: list[str]) -> int:
 
     Prints the estimated memory per device of the configured training run (default preset:
     nanot5-base, one device, 80 GB)."""
-    if argv and argv[0] in ("-h", "--help"):
-        print(plan_main.__doc__)
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: " + plan_main.__doc__.strip().strip("`").replace("`\n", "\n", 1))
         return 0
     world_size, memory_gb, rest = 1, 80.0, []
     for arg in argv:
