@@ -353,6 +353,13 @@ def state_bytes(model: torch.nn.Module, optimizer) -> int:
     return n
 
 
+def dynamo_stats() -> tuple[int, dict]:
+    """Graphs torch.compile has built so far in this process, and its graph-break reasons with counts."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"].get("unique_graphs", 0), dict(counters["graph_break"])
+
+
 def release(device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -721,6 +728,7 @@ class GPUBench:
             self.report.save()
             return
         t_start = time.perf_counter()
+        graphs0, breaks0 = dynamo_stats()
         try:
             inject(self.args, name)
             if family == "nanot5":
@@ -746,14 +754,18 @@ class GPUBench:
                 if micro == 1:
                     raise RuntimeError("out of memory at micro-batch 1")
                 micro //= 2
+            graphs, breaks = dynamo_stats()
+            new_breaks = [k.splitlines()[0][:200] for k in breaks if k not in breaks0]
             rec.update(micro_batch=micro, grad_acc=a.global_batch // micro, oom_tried=oom, times=[], rounds=0,
-                       warmup_s=round(time.perf_counter() - t_start, 2), status="ok")
+                       warmup_s=round(time.perf_counter() - t_start, 2), status="ok",
+                       graphs_compiled=graphs - graphs0, graph_breaks=new_breaks[:5], graphs_compiled_while_timed=0)
             self.variants[name] = {"step": step, "median": math.nan}
             self.time_variant(name)  # round 0, so that a run cut short still has this variant's numbers
             if mode:  # the next variant compiled this way probably takes as long
                 self.est[mode] = max(self.est[mode] * 0.5, rec["warmup_s"] * 1.2)
             print(f"  {name:<20} micro {micro:>3} x {rec['grad_acc']:<3} warm-up {rec['warmup_s']:6.1f} s  "
-                  f"step {fmt(rec.get('step_s'), '.4f')} s  peak {fmt_mib(rec.get('peak_mib'))}", flush=True)
+                  f"step {fmt(rec.get('step_s'), '.4f')} s  peak {fmt_mib(rec.get('peak_mib'))}  "
+                  f"graphs {rec['graphs_compiled']}, new graph breaks {len(rec['graph_breaks'])}", flush=True)
         except Exception as e:
             rec.update(error_record(e), warmup_s=round(time.perf_counter() - t_start, 2))
             self.variants.pop(name, None)
@@ -803,6 +815,7 @@ class GPUBench:
     def time_variant(self, name: str) -> None:
         a, rec = self.args, self.data["train"][name]
         step = self.variants[name]["step"]
+        graphs0 = dynamo_stats()[0]
         try:
             for _ in range(a.steps):
                 sync(self.dev)
@@ -814,6 +827,7 @@ class GPUBench:
             rec["round_error"] = error_record(e)["error"]
             self.variants.pop(name, None)
         rec["rounds"] += 1
+        rec["graphs_compiled_while_timed"] += dynamo_stats()[0] - graphs0  # > 0: recompiling, slow numbers
         if rec["times"]:
             sec = statistics.median(rec["times"])
             if name in self.variants:
@@ -940,6 +954,8 @@ def summarize(data: dict, device_name: str) -> tuple[dict, list]:
                if checks.get(c, {}).get("status") != "pass"]
         if rec.get("first_loss") is None or not rel(rec["first_loss"], ref) <= FIRST_LOSS_TOL:
             why.append(f"first-step loss {rec.get('first_loss')} differs from the reference {ref} by > {FIRST_LOSS_TOL}")
+        if rec.get("graphs_compiled_while_timed"):
+            why.append(f"torch.compile built {rec['graphs_compiled_while_timed']} graph(s) during timed steps")
         rec["valid"], rec["invalid_because"] = not why, why
     valid = {n: r for n, r in train.items() if r.get("valid")}
     ours = {n: r for n, r in valid.items() if n.startswith("ours")}
