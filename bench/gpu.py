@@ -74,8 +74,6 @@ import traceback
 from pathlib import Path
 
 T0 = time.perf_counter()  # the budget counts from here: imports included
-# before torch initialises CUDA: fewer fragmentation OOMs when models of different sizes alternate
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -291,8 +289,8 @@ def packed_batch(cfg: T5Config, scale: int, device, seed: int = 3):
     lengths = [(7 * scale, 3 * scale), (12 * scale, 6 * scale), (5 * scale, 2 * scale), (9 * scale, 4 * scale)]
     rows = [[0, 1], [2, 3]]
     g = torch.Generator().manual_seed(seed)
-    examples = [(torch.randint(2, cfg.vocab_size, (s,), generator=g), torch.randint(2, cfg.vocab_size, (t,), generator=g))
-                for s, t in lengths]
+    examples = [(torch.randint(2, cfg.vocab_size, (s,), generator=g),
+                 torch.randint(2, cfg.vocab_size, (t,), generator=g)) for s, t in lengths]
     S = 1 + max(sum(lengths[j][0] for j in row) for row in rows)  # every row ends in padding
     T = 1 + max(sum(lengths[j][1] for j in row) for row in rows)
     ids = torch.full((len(rows), S), cfg.pad_token_id)
@@ -414,7 +412,10 @@ class GPUBench:
             self.section("summary", self.summary, 0.0)
             self.data["complete"] = True
             self.report.save()
-            print_tables(self.data)
+            try:
+                print_tables(self.data)
+            except Exception as e:  # the JSON is written; a printing bug must not hide it
+                print(f"could not print the tables: {type(e).__name__}: {e}")
             print(f"\nresults: {self.report.path}", flush=True)
         return self.data
 
@@ -959,7 +960,8 @@ def summarize(data: dict, device_name: str) -> tuple[dict, list]:
         why = [f"{c}: {checks.get(c, {}).get('status', 'missing')}" for c in GATES.get(name, ())
                if checks.get(c, {}).get("status") != "pass"]
         if rec.get("first_loss") is None or not rel(rec["first_loss"], ref) <= FIRST_LOSS_TOL:
-            why.append(f"first-step loss {rec.get('first_loss')} differs from the reference {ref} by > {FIRST_LOSS_TOL}")
+            why.append(f"first-step loss {rec.get('first_loss')} differs from the reference {ref} "
+                       f"by > {FIRST_LOSS_TOL}")
         if rec.get("graphs_compiled_while_timed"):
             why.append(f"torch.compile built {rec['graphs_compiled_while_timed']} graph(s) during timed steps")
         rec["valid"], rec["invalid_because"] = not why, why
@@ -979,7 +981,8 @@ def summarize(data: dict, device_name: str) -> tuple[dict, list]:
                         "on a GPU; these hours are for this run's model, shapes and device")
     if best:
         s = ours[best]["step_s"]
-        proj.update(best_variant=best, step_s=s, hours=RECIPE_STEPS * s / 3600, speedup_vs_nanoT5_a100=NANOT5_A100_STEP_S / s)
+        proj.update(best_variant=best, step_s=s, hours=RECIPE_STEPS * s / 3600,
+                    speedup_vs_nanoT5_a100=NANOT5_A100_STEP_S / s)
     if peer:
         proj.update(hf_compiled_variant=peer, hf_hours=RECIPE_STEPS * hf_compiled[peer]["step_s"] / 3600)
     hopper = re.search(r"H100|H200", device_name) is not None
@@ -1067,7 +1070,8 @@ def print_tables(data: dict) -> None:
         valid = "yes" if r.get("valid") else "NO: " + "; ".join(r.get("invalid_because", []))[:80]
         print(f"  {name:<20} {r['micro_batch']:>5} x {r['grad_acc']:<3} {r['warmup_s']:>7.1f}s "
               f"{fmt(r.get('step_s'), '8.4f'):>8} {fmt(r.get('tokens_per_s'), '9.0f'):>9} "
-              f"{fmt(r.get('tflops'), '8.3g'):>8} {fmt(r.get('mfu'), '6.1%'):>6} {fmt_mib(r.get('peak_mib')):>9}  {valid}")
+              f"{fmt(r.get('tflops'), '8.3g'):>8} {fmt(r.get('mfu'), '6.1%'):>6} "
+              f"{fmt_mib(r.get('peak_mib')):>9}  {valid}")
     opt = data["optimizer"].get("results")
     if opt:
         print(f"\noptimizer step alone ({data['optimizer']['model']}, "
@@ -1077,8 +1081,9 @@ def print_tables(data: dict) -> None:
         print(f"  adamwscale / torch fused AdamW: {fmt(data['optimizer'].get('adamwscale_vs_torch_fused'), '.2f')}x")
     for key, g in data["generate"].items():
         if "ours" in g:
-            print(f"\ngeneration {key}: batch {g['batch']} x {g['input_len']} input tokens, {g['new_tokens']} new, bf16: "
-                  f"ours ({g['ours_attention']}) {g['ours']['tokens_per_s']:.0f} tok/s, HF {g['hf']['tokens_per_s']:.0f} "
+            print(f"\ngeneration {key}: batch {g['batch']} x {g['input_len']} input tokens, {g['new_tokens']} new, "
+                  f"bf16: ours ({g['ours_attention']}) {g['ours']['tokens_per_s']:.0f} tok/s, "
+                  f"HF {g['hf']['tokens_per_s']:.0f} "
                   f"tok/s = {g['ours_vs_hf']:.2f}x; fp32 tokens identical {g['fp32_identical']}, bf16 identical rows "
                   f"{g['identical_rows_bf16']:.0%}")
     p = data["projection"]
@@ -1101,6 +1106,8 @@ def print_tables(data: dict) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # read when CUDA first allocates: fewer fragmentation OOMs while models of different sizes alternate
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(argv)
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per shape, as training sees
     for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
