@@ -888,7 +888,11 @@ class GPUBench:
                                             "new_tokens": a.gen_new_tokens, "precision": "bf16"}
         hf_cpu = self.hf_master if self.hf_master is not None else build_hf(self.cfg, seed=0)
         hf = copy.deepcopy(hf_cpu).to(dev).eval()
-        hf.set_attn_implementation("sdpa")
+        try:
+            hf.set_attn_implementation("sdpa")  # HF's default where it has it
+            out["hf_attention"] = "sdpa"
+        except Exception as e:  # a transformers version without T5 sdpa: its default, say so
+            out["hf_attention"] = f"{hf.config._attn_implementation} (sdpa: {type(e).__name__}: {e})"[:300]
         hf.generation_config.eos_token_id = None  # never stop early: exactly new_tokens tokens
         ours = twin(hf, with_attention(self.cfg, a.gen_attention), dev).eval()
         out["ours_attention"] = a.gen_attention
