@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from nanot5.hf import config_to_hf, from_hf_state_dict  # noqa: E402
-from nanot5.model import T5, T5Config  # noqa: E402
+from bench.common import build_hf, rotated, twin  # noqa: E402
+from nanot5.model import T5Config  # noqa: E402
 from nanot5.runtime import tune_cpu_runtime  # noqa: E402
 
 
@@ -48,17 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(cfg: T5Config):
-    from transformers import T5Config as HFConfig
-    from transformers import T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    hf = T5ForConditionalGeneration(HFConfig(**config_to_hf(cfg))).eval()
-    # untie the head (transformers >= 5 ties it at construction), drawn like ours
-    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.shared.weight) * cfg.d_model ** -0.5)
+    hf = build_hf(cfg).eval()
     hf.generation_config.eos_token_id = None  # never stop early: exactly max_new_tokens tokens
-    ours = T5(cfg).eval()
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
-    return ours, hf
+    return twin(hf, cfg), hf
 
 
 def main(argv=None) -> None:
@@ -113,7 +105,7 @@ def bench(title: str, runs: dict, dtype: str, args: argparse.Namespace) -> None:
         times: dict[str, list[float]] = {name: [] for name in runs}
         names = list(runs)
         for r in range(args.rounds):
-            for name in names[r % 2:] + names[:r % 2]:
+            for name in rotated(names, r):
                 t = time.perf_counter()
                 runs[name]()
                 times[name].append(time.perf_counter() - t)

@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from nanot5.hf import config_to_hf, from_hf_state_dict  # noqa: E402
+from bench.common import build_hf, rotated  # noqa: E402
+from nanot5.hf import from_hf_state_dict  # noqa: E402
 from nanot5.model import T5, T5Config, flops_per_step  # noqa: E402
 from nanot5.hardware import measure_matmul_peak  # noqa: E402
 from nanot5.runtime import tune_cpu_runtime  # noqa: E402
@@ -76,18 +77,6 @@ def model_config(quick: bool) -> T5Config:
 
 
 # ------------------------------------------------------------------ models
-def build_hf(cfg: T5Config, seed: int = 0):
-    from transformers import T5Config as HFConfig
-    from transformers import T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    hf = T5ForConditionalGeneration(HFConfig(**config_to_hf(cfg))).train()
-    # transformers >= 5 shares lm_head with the embedding at construction even for v1.1 configs;
-    # give it its own weight (drawn like ours, std d_model**-0.5, so that logits stay O(1))
-    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.shared.weight) * cfg.d_model ** -0.5)
-    return hf
-
-
 def build_models(cfg: T5Config) -> dict[str, torch.nn.Module]:
     hf = build_hf(cfg)
     eager = copy.deepcopy(hf)
@@ -202,7 +191,7 @@ def main(argv=None) -> None:
         times: dict[str, list[float]] = {name: [] for name in models}
         names = list(models)
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in rotated(names, r):
                 for _ in range(args.steps):
                     t = time.perf_counter()
                     train_step(models[name], batch, bf16)

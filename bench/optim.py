@@ -20,13 +20,18 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import statistics
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nanot5.model import T5, T5Config
-from nanot5.optim import Adafactor, AdamWScale, param_groups
+import torch  # noqa: E402
+
+from bench.common import time_steps  # noqa: E402
+from nanot5.model import T5, T5Config  # noqa: E402
+from nanot5.optim import Adafactor, AdamWScale, param_groups  # noqa: E402
 
 LR = 1e-4
 
@@ -109,22 +114,6 @@ def contenders(groups, params):
     except ImportError:
         return
     yield "hf-adafactor", lambda: HFAdafactor(params, lr=LR, relative_step=False).step
-
-
-def time_steps(step, steps, device, clock):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    step()  # allocates the state
-    sync()
-    times = []
-    for _ in range(steps):
-        t0 = clock()
-        step()
-        sync()
-        times.append(clock() - t0)
-    return times
 
 
 def main():
