@@ -280,6 +280,7 @@ class CheckpointConfig:
     keep: int = 2  # newest checkpoints of this run to keep
     best_metric: str = ""  # keep the best model by this evaluation result in run.dir/best: loss or a generation metric
     final: str = "best"  # what final/ holds: best (the best model, when best_metric is set) | last
+    async_save: bool = False  # FSDP: write sharded checkpoints in the background while training goes on
 
     def __post_init__(self):
         _check_positive(self, "checkpoint", "every_steps", "keep")

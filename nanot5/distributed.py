@@ -64,8 +64,34 @@ def init(device: str = "auto") -> DistEnv:
 
 
 def cleanup() -> None:
+    global _checkpoint_group
+    _checkpoint_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes in the process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+_checkpoint_group = None
+
+
+def checkpoint_group():
+    """A second gloo process group for background checkpoint writes (`torch.distributed.checkpoint.async_save`
+    runs its collectives in a thread, which must not interleave with the training's collectives on the
+    default group; gloo also gives nccl runs the CPU backend async_save needs, as torchtitan does). Created
+    on first use: a collective, call it on every rank."""
+    global _checkpoint_group
+    if _checkpoint_group is None:
+        _checkpoint_group = dist.new_group(backend="gloo")
+    return _checkpoint_group
 
 
 def barrier() -> None:
@@ -201,3 +227,39 @@ def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, 
             if isinstance(like, DTensor) and isinstance(v, torch.Tensor) and v.ndim > 0:
                 st[n] = distribute_tensor(v.to(like.device), like.device_mesh, like.placements)
     optimizer.load_state_dict(optim_state)
+
+
+# ------------------------------------------------------------ sharded checkpoints (torch.distributed.checkpoint)
+def sharded_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """What a sharded checkpoint holds, without communication: the tensors {"model": {fqn: tensor},
+    "optimizer": {fqn: {name: tensor}}} (under FSDP each rank's DTensor shards; AdamWScale's moments sharded
+    like their parameter, Adafactor's column statistics replicated) and the optimizer's host values
+    {"state": {fqn: {name: value}}, "param_groups": [...]} (step counts, hyperparameters), which go to
+    trainer.pt, so the shards hold tensors only. Keys are parameter names (FQNs), not optimizer indices:
+    any process count can read them back."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_state = get_model_state_dict(model)
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    tensors = {fqn: {n: v for n, v in st.items() if isinstance(v, torch.Tensor)}
+               for fqn, st in optim_state["state"].items()}
+    host = {"state": {fqn: {n: v for n, v in st.items() if not isinstance(v, torch.Tensor)}
+                      for fqn, st in optim_state["state"].items()},
+            "param_groups": optim_state["param_groups"]}
+    return {"model": model_state, "optimizer": tensors}, host
+
+
+def load_sharded_state_dicts(model: torch.nn.Module, optimizer, read, optimizer_host: dict) -> None:
+    """Restore model and optimizer from a sharded checkpoint into this process's layout (FSDP shards, or
+    whole tensors in one process / under DDP). `read(tensors)` fills the tensors of `sharded_state_dicts`'
+    layout in place (`checkpoint.read_sharded`: DCP reshards from whatever process count saved them);
+    `optimizer_host` is the saved host part. Collective under FSDP: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    # A fresh optimizer has no state yet: get_optimizer_state_dict creates it (a zero-lr step on zero
+    # gradients), laid out as the optimizer lays it out on this process layout; the checkpoint then fills it.
+    tensors, _ = sharded_state_dicts(model, optimizer)
+    read(tensors)
+    set_model_state_dict(model, tensors["model"])
+    state = {fqn: {**tensors["optimizer"].get(fqn, {}), **values} for fqn, values in optimizer_host["state"].items()}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": optimizer_host["param_groups"]})

@@ -41,8 +41,11 @@ from nanot5.build import (
     to_device,
 )
 from nanot5.checkpoint import (
+    DCP,
+    ShardedSave,
     load_checkpoint,
     load_latest,
+    read_sharded,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
@@ -95,6 +98,7 @@ class Run:
     best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluation (checkpoint.best_metric)
     evals_since_best: int = 0
     early_stopped: bool = False
+    pending_save: ShardedSave | None = None  # a sharded checkpoint still being written (checkpoint.async_save)
     # device-side accumulators since the last log line: no host sync on ordinary steps
     window_loss: torch.Tensor | None = None
     window_steps: int = 0
@@ -143,6 +147,9 @@ def setup(cfg: Config) -> Run:
             raise ConfigError("eval.generate=true needs whole weights on one rank: not with distributed.strategy=fsdp;"
                               " generate after training with `nanot5 predict model=RUN_DIR`")
         train_model = distributed.wrap_model(model, strategy, env, cfg.precision) if env.enabled else model
+        if cfg.checkpoint.async_save and strategy != "fsdp" and env.is_main:
+            warn("checkpoint.async_save=true applies to sharded checkpoints (distributed.strategy=fsdp on several "
+                 "processes); this run saves synchronously")
         optimizer = build_optimizer(cfg.optim.name, param_groups(model, cfg.optim.weight_decay),
                                     lr=cfg.optim.base_lr, weight_decay=cfg.optim.weight_decay)
         # a resumed stream keeps the reader layout it was saved with, whatever the process count now
@@ -210,10 +217,11 @@ def find_resume(cfg: Config, rundir: RunDir, env: distributed.DistEnv) -> dict[s
     """
     if not cfg.resume:
         return None
+    # a sharded checkpoint's tensors are read later, by restore(), each rank only its own shards
     if cfg.resume != "auto":
-        ckpt = load_checkpoint(Path(cfg.resume))
+        ckpt = load_checkpoint(Path(cfg.resume), weights=False)
     else:
-        ckpt = load_latest(rundir.checkpoints)
+        ckpt = load_latest(rundir.checkpoints, weights=False)
         if ckpt is None:
             finished = [n for n in ("final", "summary.json") if (rundir.path / n).exists()]
             if finished:
@@ -247,8 +255,14 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def restore(run: Run, ckpt: dict[str, Any]) -> None:
-    """Weights, optimizer, step counters, data position and RNG from a checkpoint (any world size for DDP)."""
-    distributed.load_full_state_dicts(run.model, run.optimizer, ckpt["model"], ckpt["optimizer"], run.strategy)
+    """Weights, optimizer, step counters, data position and RNG from a checkpoint, written by any number of
+    processes: a sharded (DCP) checkpoint is resharded to this run's layout (each FSDP rank reads its own
+    shards; one process or DDP reads whole tensors), a single-file one is loaded whole and sharded here."""
+    if ckpt["format"] == DCP:
+        distributed.load_sharded_state_dicts(run.model, run.optimizer, lambda t: read_sharded(ckpt["path"], t),
+                                             ckpt["trainer"]["optimizer"])
+    else:
+        distributed.load_full_state_dicts(run.model, run.optimizer, ckpt["model"], ckpt["optimizer"], run.strategy)
     trainer = ckpt["trainer"]
     run.step, run.tokens = trainer["step"], trainer["tokens"]
     run.last_eval = trainer.get("last_eval", {})
@@ -446,21 +460,60 @@ def track_best(run: Run) -> None:
 
 
 def save(run: Run) -> None:
-    """A checkpoint of everything needed to continue exactly: every rank's data position and RNG; the
-    weights and optimizer gathered whole (a collective under FSDP); written by rank 0."""
+    """A checkpoint of everything needed to continue exactly: every rank's data position and RNG, the weights
+    and the optimizer. Under FSDP each rank writes its own shards (torch.distributed.checkpoint; in the
+    background with checkpoint.async_save); otherwise the weights are whole and rank 0 writes them."""
     check_finite(run)
     ranks = distributed.all_gather_objects({"data": run.data.state_dict(), "rng": rng_state()})
-    model_state, optim_state = distributed.full_state_dicts(run.model, run.optimizer, run.strategy)
     state = {"step": run.step, "tokens": run.tokens, "ranks": ranks, "last_eval": run.last_eval,
              "best": run.best, "evals_since_best": run.evals_since_best,
              "window_loss": float(run.window_loss), "window_steps": run.window_steps,
              "window_skipped": run.window_skipped}
+    if run.strategy == "fsdp":
+        save_sharded(run, state)
+        return
+    model_state, optim_state = distributed.full_state_dicts(run.model, run.optimizer, run.strategy)
     if run.env.is_main:
         path = save_checkpoint(run.rundir.checkpoints, run.step, model_state=model_state,
                                optimizer_state=optim_state, trainer_state=state, config_yaml=run.cfg.to_yaml(),
                                keep=run.cfg.checkpoint.keep, run_id=run.rundir.run_id)
         info(f"saved checkpoint {path}")
     distributed.barrier()
+
+
+def save_sharded(run: Run, trainer_state: dict[str, Any]) -> None:
+    """The FSDP checkpoint: shards via DCP, trainer.pt (with the optimizer's host values) by rank 0. With
+    checkpoint.async_save the shards are written in the background and `poll_save` puts the folder in
+    place once they are all on disk; the previous background save is completed first."""
+    finish_pending_save(run)
+    tensors, optimizer_host = distributed.sharded_state_dicts(run.model, run.optimizer)
+    background = run.cfg.checkpoint.async_save
+    pending = ShardedSave.start(run.rundir.checkpoints, run.step, tensors=tensors,
+                                trainer_state={**trainer_state, "optimizer": optimizer_host},
+                                config_yaml=run.cfg.to_yaml(), keep=run.cfg.checkpoint.keep,
+                                run_id=run.rundir.run_id,
+                                async_group=distributed.checkpoint_group() if background else None)
+    if background:
+        run.pending_save = pending
+        return
+    path = pending.finish()
+    if path is not None:
+        info(f"saved checkpoint {path} (sharded)")
+
+
+def poll_save(run: Run) -> None:
+    """At a step boundary: complete a background checkpoint whose shards are all written; never blocks."""
+    if run.pending_save is not None and run.pending_save.done():
+        finish_pending_save(run)
+
+
+def finish_pending_save(run: Run) -> None:
+    """Wait for a background checkpoint, then (rank 0) put it in place."""
+    pending, run.pending_save = run.pending_save, None
+    if pending is not None:
+        path = pending.finish(collective=False)
+        if path is not None:
+            info(f"saved checkpoint {path} (sharded, written in the background; in place at step {run.step})")
 
 
 def wants_eval(run: Run) -> bool:
@@ -511,6 +564,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     save(run)
                 if last_step or stop.signal or run.early_stopped:
                     break
+                poll_save(run)
                 train_step(run)
                 if run.step % cfg.logging.every_steps == 0 or run.step == run.total_steps:
                     log_step(run)
@@ -530,6 +584,7 @@ def finish(run: Run, interrupted: bool) -> dict[str, Any]:
     checkpoint.best_metric is set and checkpoint.final=best), then the extras (fine-tuning predictions, samples,
     unigram entropy, plot, summary.json). A failing extra is a warning: the run's outputs are already safe."""
     cfg, env = run.cfg, run.env
+    finish_pending_save(run)  # the last checkpoint is on disk before anything else
     summary = {"steps": run.step, "planned_steps": run.total_steps, "tokens": run.tokens,
                "wall_time_s": round(time.time() - run.t_start, 1), "train_time_s": round(run.train_time, 1),
                "tokens_per_s": round(run.tokens / run.train_time, 1) if run.train_time else None,

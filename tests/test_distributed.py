@@ -1,8 +1,10 @@
 """torchrun on CPU with gloo: DDP and FSDP (AdamWScale, Adafactor, AdamW) equal one process, the optimizers on
-FSDP2 shards, two torchrun agents (multi-node), resume across world sizes, failures end the job."""
+FSDP2 shards, two torchrun agents (multi-node), resume across world sizes (sharded checkpoints: SIGKILL mid-save,
+2 -> 2, 2 -> 1, 1 -> 2, HF export), failures end the job."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanot5.checkpoint import DCP, list_checkpoints, load_checkpoint
+
 from nanot5.optim import Adafactor, AdamWScale
 from nanot5.tracking import read_metrics
 from tests.test_train import REPO, tiny_args
@@ -23,8 +27,8 @@ from tests.test_train import REPO, tiny_args
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def torchrun(nproc: int, args: list[str], timeout: float = 600, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env_vars}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "nanot5", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -74,7 +78,8 @@ def cached_run(test_data, tmp_path_factory):
 
 
 def equal_one_args(optim: str, grad_acc: int) -> tuple[str, ...]:
-    return ("optim.total_steps=3", "checkpoint.every_steps=1000", f"optim.grad_acc={grad_acc}",
+    # checkpoints at steps 2 and 3: the sharded-checkpoint tests below resume these runs from step 2
+    return ("optim.total_steps=3", "checkpoint.every_steps=2", f"optim.grad_acc={grad_acc}",
             f"optim.name={optim}", "optim.base_lr=1e-3")
 
 
@@ -162,6 +167,128 @@ def test_a_dead_rank_ends_the_job_quickly(test_data, tmp_path):
     assert time.time() - killed < 60
     assert proc.returncode != 0
     assert "Signal 9" in out or "SIGKILL" in out or "exitcode" in out, out[-3000:]
+
+
+# ------------------------------------------------- sharded checkpoints (torch.distributed.checkpoint)
+def fsdp_args(optim: str) -> tuple[str, ...]:
+    return (*equal_one_args(optim, 1), "distributed.strategy=fsdp")
+
+
+def meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+def events(run_dir: Path) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in read_metrics(run_dir / "metrics.jsonl") if e["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def killed_sharded_run(test_data, tmp_path_factory):
+    """FSDP on 2 processes, AdamWScale, checkpoint.async_save=true, SIGKILLed (both ranks) in its second save
+    (step 3) while the shards are being written in the background; checkpoint 2 is complete."""
+    run_dir = tmp_path_factory.mktemp("killed")
+    res = torchrun(2, cli_args(test_data, run_dir, *fsdp_args("adamwscale"), "checkpoint.async_save=true"),
+                   NANOT5_FAULT="save:2")
+    assert res.returncode != 0 and "SIGKILL" in res.stderr + res.stdout, res.stderr[-3000:]
+    assert "written in the background" in res.stdout  # checkpoint 2 was put in place after its background write
+    root = run_dir / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step_0000002"] and meta(root / "step_0000002")["format"] == DCP
+    torn = [p for p in root.iterdir() if p.name.startswith(".tmp-step_0000003")]
+    assert len(torn) == 1 and not (torn[0] / "meta.json").exists()
+    assert not (run_dir / "final").exists()
+    return run_dir
+
+
+def sharded_source(which: str, cached_run, killed: Path, dest: Path) -> Path:
+    """A run folder whose newest usable checkpoint is the sharded step 2 of a 2-process FSDP run: the killed
+    asynchronous AdamWScale run, or the uninterrupted Adafactor run with its step-3 outputs removed."""
+    if which == "adamwscale-killed-async":
+        shutil.copytree(killed, dest)
+        return dest
+    shutil.copytree(cached_run(2, *fsdp_args("adafactor")), dest)
+    for name in ("checkpoints/step_0000003", "final"):
+        shutil.rmtree(dest / name)
+    (dest / "summary.json").unlink()
+    return dest
+
+
+SOURCES = {"adamwscale-killed-async": "adamwscale", "adafactor": "adafactor"}
+
+
+@pytest.mark.parametrize("which", SOURCES)
+def test_sharded_checkpoint_resumes_on_two_processes_as_if_uninterrupted(test_data, tmp_path, cached_run,
+                                                                         killed_sharded_run, which):
+    optim = SOURCES[which]
+    run_dir = sharded_source(which, cached_run, killed_sharded_run, tmp_path / "run")
+    root = run_dir / "checkpoints"
+    other = root / "step_0000001"  # another run's checkpoint in the same folder: never pruned
+    shutil.copytree(root / "step_0000002", other)
+    (other / "meta.json").write_text(json.dumps({**meta(other), "step": 1, "run_id": "another-run"}))
+    res = run(2, test_data, run_dir, *fsdp_args(optim), "resume=auto", "checkpoint.keep=1",
+              *(["checkpoint.async_save=true"] if "async" in which else []))
+    assert f"resumed from {root / 'step_0000002'}" in res.stdout
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]  # the killed save's leftovers
+    assert [p.name for p in list_checkpoints(root)] == ["step_0000003", "step_0000001"]
+    assert meta(root / "step_0000003")["format"] == DCP
+    # the same process count: the uninterrupted run, bit for bit (losses of steps 1-3, final weights)
+    ref = cached_run(2, *fsdp_args(optim))
+    assert events(run_dir) == events(ref)
+    a, b = weights(run_dir), weights(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("which", SOURCES)
+def test_sharded_checkpoint_resumes_on_one_process(test_data, tmp_path, cached_run, killed_sharded_run, which):
+    """No process group: DCP hands the whole tensors (weights, AdamWScale moments, Adafactor statistics)
+    to the plain model and optimizer; the data stream continues from both ranks' reader states."""
+    optim = SOURCES[which]
+    run_dir = sharded_source(which, cached_run, killed_sharded_run, tmp_path / "run")
+    res = run(1, test_data, run_dir, *fsdp_args(optim), "resume=auto")
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_0000002'}" in res.stdout
+    one = cached_run(1, *equal_one_args(optim, 1))  # uninterrupted, one process
+    assert [s for s, _ in events(run_dir)] == [1, 2, 3]
+    assert [l for _, l in events(run_dir)] == pytest.approx([l for _, l in events(one)], rel=1e-5)
+    assert_close(weights(run_dir), weights(one))
+    assert "format" not in meta(run_dir / "checkpoints" / "step_0000003")  # one process: the single-file format
+
+
+def test_single_process_checkpoint_resumes_under_fsdp(test_data, tmp_path, cached_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(cached_run(1, *equal_one_args("adamwscale", 1)), run_dir)
+    for name in ("checkpoints/step_0000003", "final"):
+        shutil.rmtree(run_dir / name)
+    (run_dir / "summary.json").unlink()
+    assert "format" not in meta(run_dir / "checkpoints" / "step_0000002")
+    res = run(2, test_data, run_dir, *fsdp_args("adamwscale"), "resume=auto")
+    assert "resumed from" in res.stdout and "step_0000002" in res.stdout
+    two = cached_run(2, *fsdp_args("adamwscale"))
+    assert [l for _, l in events(run_dir)] == pytest.approx([l for _, l in events(two)], rel=1e-5)
+    assert_close(weights(run_dir), weights(two))
+    assert meta(run_dir / "checkpoints" / "step_0000003")["format"] == DCP
+
+
+def test_export_of_a_sharded_checkpoint_loads_in_transformers(cached_run, tmp_path):
+    """`nanot5 export` in one process, no process group, whatever world size wrote the checkpoint."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from nanot5.build import load_model_dir
+    from nanot5.evaluate import export_main
+
+    run_dir = cached_run(2, *fsdp_args("adamwscale"))
+    ckpt = run_dir / "checkpoints" / "step_0000003"
+    assert meta(ckpt)["format"] == DCP and meta(ckpt)["world_size"] == 2
+    out = tmp_path / "hf"
+    assert export_main([f"checkpoint={ckpt}", f"out={out}"]) == 0
+    exported, final = load_file(out / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    hf = T5ForConditionalGeneration.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ours, _ = load_model_dir(str(ckpt), "cpu")  # what nanot5 evaluate/predict model=CHECKPOINT use
+    ids = tok(["The quick brown fox"], return_tensors="pt").input_ids
+    labels = tok(["jumps over"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids, labels=labels).logits, ours(ids, labels=labels).logits, atol=1e-5)
+    assert load_checkpoint(ckpt)["model"].keys() == ours.state_dict().keys()
 
 
 # ----------------------------------------------- optimizers on FSDP2 shards (2 spawned processes)
