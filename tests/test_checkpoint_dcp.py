@@ -167,8 +167,10 @@ def _disk_full_worker(rank: int, world: int, tmp: str, background: bool) -> None
         finally:
             fs._write_item = real
         dist.barrier()
-        assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]  # no temporary folder left
+        left = sorted(p.name for p in root.iterdir())
+        assert left == ["step_0000001"], f"rank {rank}: {left}"  # no temporary folder left
         assert load_checkpoint(root / "step_0000001", weights=False)["step"] == 1
+        dist.barrier()  # every rank has looked at the folder before rank 0 adds to it
 
         if rank == 0:  # another run's checkpoint in the same folder
             shutil.copytree(root / "step_0000001", root / "step_0000000")
