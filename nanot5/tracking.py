@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "", baseline: f
         ax.axhline(baseline, ls="--", color="gray", label=f"unigram entropy {baseline:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / target token)")
-    ax.set_title(title or "nanot5 pre-training")
+    # long titles (the resolved model description) wrap instead of running off the figure
+    ax.set_title(textwrap.fill(title or "nanot5 pre-training", 70), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
