@@ -413,7 +413,10 @@ def evaluate(run: Run) -> None:
     run.model.eval()
     try:
         if run.data.eval_loader is not None:
-            result.update(heldout_metrics(run.model, run.data.eval_loader, amp=run.amp, device=run.device))
+            held = heldout_metrics(run.model, run.data.eval_loader, amp=run.amp, device=run.device)
+            if cfg.mode == "ft":  # in fine-tuning `accuracy` is the generation metric (eval.metrics)
+                held["token_accuracy"] = held.pop("accuracy")
+            result.update(held)
         if cfg.mode == "ft" and cfg.eval.generate and run.data.sets.validation_records:
             records = run.data.sets.validation_records[:cfg.eval.max_examples or None]
             scores = None

@@ -66,6 +66,8 @@ def test_finetune_learns_a_seq2seq_task_and_predict_scores_it(t5_tokenizer_dir, 
     assert res.returncode == 0, res.stderr[-3000:]
     evals = [e for e in read_metrics(run / "metrics.jsonl") if e["kind"] == "eval"]
     assert evals[0]["exact_match"] == 0.0 and max(e["exact_match"] for e in evals) >= 90.0, evals
+    # teacher-forced token accuracy (a fraction) and the generation metric `accuracy` (percent) keep their own keys
+    assert all(0.0 <= e["token_accuracy"] <= 1.0 for e in evals) and max(e["accuracy"] for e in evals) >= 90.0
     summary = json.loads((run / "summary.json").read_text())
     best = max(evals, key=lambda e: e["exact_match"])
     assert summary["best_step"] == best["step"] and summary["best_value"] == best["exact_match"]
