@@ -30,7 +30,7 @@ from nanot5.generation import (  # noqa: E402
     top_k_filter,
     top_p_filter,
 )
-from nanot5.hf import config_from_hf, from_hf_state_dict  # noqa: E402
+from tests.test_model import ours_from  # noqa: E402  (an HF model's twin, same weights)
 
 VOCAB = 128
 MAX_NEW = 16
@@ -46,13 +46,6 @@ def hf_tiny(seed: int) -> T5ForConditionalGeneration:
     model = T5ForConditionalGeneration(cfg).eval()
     # transformers >= 5 shares lm_head with the embedding at construction; untie it, HF's init (std 1)
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
-    return model
-
-
-def ours_from(hf: T5ForConditionalGeneration) -> T5:
-    cfg = config_from_hf(hf.config.to_dict())
-    model = T5(cfg).eval()
-    model.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
     return model
 
 

@@ -1,6 +1,6 @@
 """SNI loading, Tk-Instruct prompts and batching.
 
-Expected prompts are written out by hand from the task JSON files in ../shared/data/sni, following the rules of
+Expected prompts are written out by hand from the task JSON files in tests/data/sni, following the rules of
 Tk-Instruct's DataCollatorForNI (allenai/tk-instruct src/ni_collator.py); token counts and truncation use the real
 T5 tokenizer through `transformers` as the oracle.
 """
