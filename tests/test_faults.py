@@ -36,7 +36,6 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(test_data, tmp
     assert done.returncode == 0, done.stderr
 
     # kill points from a seeded RNG: the n-th time the process reaches each point
-    rng = random.Random(0)
     # (each is reached by any process that has steps left: every process starts workers and runs >= 1 step,
     # saves every 2 steps and evaluates 2 batches every 4 steps)
     rng = random.Random(0)
