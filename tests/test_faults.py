@@ -53,3 +53,45 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(test_data, tmp
     a, b = load_file(run_dir / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+
+# A middle process forks a "worker" that runs the DataLoader worker_init_fn nanot5 installs, then the middle
+# process is SIGKILLed (the training process killed while its workers start, as NANOT5_FAULT=workers:1 does).
+_ORPHAN = """
+import os, sys, time
+from nanot5.data.loader import _die_with_parent
+parent = os.getpid()
+pid = os.fork()
+if pid == 0:
+    if sys.argv[1] == "late":
+        time.sleep(0.5)  # the parent is gone before the worker starts
+    _die_with_parent(parent, 0)
+    time.sleep(60)  # a worker that outlives its parent would sit here (torch's watchdog never notices)
+    os._exit(3)
+print(pid, flush=True)
+if sys.argv[1] == "late":
+    os._exit(0)
+time.sleep(60)
+"""
+
+
+def test_data_workers_end_when_the_training_process_is_killed():
+    """Torch's worker watchdog notes its parent after worker_init_fn: a parent killed while the workers start
+    left them waiting forever, holding its stdout/stderr (a fault-injection run hung CI that way)."""
+    import time
+
+    for when in ("late", "running"):
+        proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, when], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        worker = int(proc.stdout.readline())
+        if when == "running":
+            time.sleep(0.5)
+            proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and os.path.exists(f"/proc/{worker}"):
+            time.sleep(0.05)
+        alive = os.path.exists(f"/proc/{worker}") and "Z" not in open(f"/proc/{worker}/stat").read().split()[2]
+        if alive:
+            os.kill(worker, signal.SIGKILL)
+        assert not alive, f"the worker outlived its parent ({when})"

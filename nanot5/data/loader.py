@@ -39,9 +39,12 @@ readers that still have some, which keeps "union over ranks = the single-process
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import os
+import signal
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -272,6 +275,20 @@ def _identity(x):
     return x
 
 
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker ends when the training process dies, even by SIGKILL.
+    torch's own watchdog records the worker's parent only after this function, so a parent killed while
+    its workers start would leave them waiting forever (and holding the parent's stdout/stderr open).
+    Linux: the kernel kills the worker when its parent goes (prctl PR_SET_PDEATHSIG); everywhere: a worker
+    whose parent is already gone exits at once."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG (linux/prctl.h)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 class PretrainLoader:
     """An iterable of span-corrupted (or UL2-denoised) pre-training batches
     `{"input_ids": (B, input_length), "labels": (B, target_length)}` (torch.long), deterministic from
@@ -398,7 +415,8 @@ class PretrainLoader:
         groups = [list(self.readers[w * per:(w + 1) * per]) for w in range(nw)]
         dataset = _WorkerDataset(self._pipeline, groups, states, step)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=nw, collate_fn=_identity,
-                                             prefetch_factor=self.prefetch_factor)
+                                             prefetch_factor=self.prefetch_factor,
+                                             worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
         # DataLoader takes outputs from workers in turn; outputs are still grouped by their step tag, so a
         # step is complete once every worker sent its part or said it is done (finite passes only).
         pending: dict[int, dict[int, tuple[dict, dict]]] = {}  # step -> worker -> (batch, states)
