@@ -1,4 +1,4 @@
-"""Shared fixtures. Test data lives in the repository (tests/data, see its README): no network, no ../shared."""
+"""Shared fixtures. Test data lives in the repository (tests/data, see its README): no network, nothing from outside the repository."""
 
 from __future__ import annotations
 
