@@ -284,10 +284,17 @@ def padded_batch(cfg: T5Config, B: int, S: int, T: int, device, seed: int = 1) -
     return {k: v.to(device) for k, v in batch.items()}
 
 
+# (input length, target length) of the examples packed into 2 rows: row 0 = examples 0, 1; row 1 = 2, 3
+# (tests/test_attention.py's packing tests use the same batch)
+PACKED_EXAMPLES = [(7, 3), (12, 6), (5, 2), (9, 4)]
+PACKED_ROWS = [[0, 1], [2, 3]]
+
+
 def packed_batch(cfg: T5Config, scale: int, device, seed: int = 3):
-    """Four examples packed into two padded rows with segment ids, and the examples alone."""
-    lengths = [(7 * scale, 3 * scale), (12 * scale, 6 * scale), (5 * scale, 2 * scale), (9 * scale, 4 * scale)]
-    rows = [[0, 1], [2, 3]]
+    """Four examples packed by hand into two padded rows with segment ids, and the examples alone;
+    `scale` multiplies every length."""
+    lengths = [(s * scale, t * scale) for s, t in PACKED_EXAMPLES]
+    rows = PACKED_ROWS
     g = torch.Generator().manual_seed(seed)
     examples = [(torch.randint(2, cfg.vocab_size, (s,), generator=g),
                  torch.randint(2, cfg.vocab_size, (t,), generator=g)) for s, t in lengths]

@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.gpu import PACKED_EXAMPLES as EXAMPLES  # (input, target) lengths; rows: 0 = examples 0, 1; 1 = 2, 3
+from bench.gpu import PACKED_ROWS as ROWS
+from bench.gpu import packed_batch as build_packed_batch
 from nanot5 import T5, T5Config
 from nanot5.attention import choose_attention
 
@@ -157,29 +160,10 @@ def test_flex_gradients_match_eager_on_cuda(packed):
 
 
 # ----------------------------------------------------------------------------- packing
-# (input length, target length) of examples packed into 2 rows: row 0 = examples 0, 1; row 1 = 2, 3
-EXAMPLES = [(7, 3), (12, 6), (5, 2), (9, 4)]
-ROWS = [[0, 1], [2, 3]]
-
-
 def packed_batch(seed: int = 3, device: str = "cpu"):
-    """Examples alone (unpadded), and packed by hand into 2 padded rows with segment ids."""
-    g = torch.Generator().manual_seed(seed)
-    examples = [(torch.randint(2, VOCAB, (s,), generator=g), torch.randint(2, VOCAB, (t,), generator=g))
-                for s, t in EXAMPLES]
-    S, T = 1 + max(sum(EXAMPLES[j][0] for j in row) for row in ROWS), 1 + max(sum(EXAMPLES[j][1] for j in row) for row in ROWS)
-    ids = torch.zeros(len(ROWS), S, dtype=torch.long)
-    labels = torch.full((len(ROWS), T), -100)
-    enc_seg, dec_seg = torch.zeros_like(ids), torch.zeros_like(labels)
-    for r, row in enumerate(ROWS):
-        s0 = t0 = 0
-        for k, j in enumerate(row, start=1):
-            x, y = examples[j]
-            ids[r, s0:s0 + len(x)], enc_seg[r, s0:s0 + len(x)] = x, k
-            labels[r, t0:t0 + len(y)], dec_seg[r, t0:t0 + len(y)] = y, k
-            s0, t0 = s0 + len(x), t0 + len(y)
-    batch = dict(input_ids=ids, labels=labels, encoder_segment_ids=enc_seg, decoder_segment_ids=dec_seg)
-    return {k: v.to(device) for k, v in batch.items()}, [(x.to(device), y.to(device)) for x, y in examples]
+    """Examples alone (unpadded), and packed by hand into 2 padded rows with segment ids: the batch
+    bench/gpu.py's device checks build, at this file's tiny vocabulary."""
+    return build_packed_batch(tiny_config(), 1, device, seed)
 
 
 def per_example_losses(model: T5, batch: dict) -> list[torch.Tensor]:
